@@ -1,0 +1,1 @@
+"""NEST: denoising masked token prediction for self-supervised speech pretraining."""

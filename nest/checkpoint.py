@@ -1,0 +1,208 @@
+"""Checkpoints in and out: NeMo ``.nemo`` files and our own, always loaded as data, never as code."""
+from __future__ import annotations
+
+import fnmatch
+import io
+import pickle
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import yaml
+
+from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, PreprocessorConfig, QuantizerConfig
+from nest.model import NestModel
+
+# Buffers that NeMo stores and we derive from the config.
+DERIVED_NEMO_KEYS = ("preprocessor.featurizer.window", "preprocessor.featurizer.fb")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def safe_torch_load(source: Any, name: str) -> Any:
+    """torch.load restricted to tensors and plain containers; a pickled object is refused, not run."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{name}: refusing to load, the file holds pickled Python objects beyond tensors and plain "
+            f"containers, and loading it would run code ({str(e).splitlines()[0]}). Re-save its state_dict "
+            f"with torch.save(model.state_dict(), path) from a trusted environment."
+        ) from None
+
+
+def _nemo_members(path: Path) -> tuple[dict, dict]:
+    """(model_config, state_dict) from a .nemo tar, read in memory."""
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .nemo archive ({e})") from None
+    with tar:
+        names = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        for needed in ("model_config.yaml", "model_weights.ckpt"):
+            if needed not in names:
+                raise CheckpointError(f"{path}: no {needed} inside; found {sorted(names)}")
+        cfg = yaml.safe_load(tar.extractfile(names["model_config.yaml"]).read().decode())
+        weights = safe_torch_load(io.BytesIO(tar.extractfile(names["model_weights.ckpt"]).read()), str(path))
+    if isinstance(weights, dict) and "state_dict" in weights:
+        weights = weights["state_dict"]
+    return cfg, weights
+
+
+def _require(section: dict, key: str, allowed: Iterable[Any], where: str) -> None:
+    if key in section and section[key] not in allowed:
+        raise CheckpointError(f"{where}.{key}={section[key]!r} is not supported here (supported: {list(allowed)})")
+
+
+def model_config_from_nemo(nemo: dict) -> ModelConfig:
+    """Map a NeMo EncDecDenoiseMaskedTokenPredModel config onto ours, refusing what we do not implement."""
+    pre, enc, q = nemo.get("preprocessor", {}), nemo.get("encoder", {}), nemo.get("quantizer", {})
+    mask, dec, loss = nemo.get("masking", {}), nemo.get("decoder", {}), nemo.get("loss", {})
+    _require(nemo, "mask_position", ["pre_conv"], "model")
+    _require(pre, "normalize", ["per_feature"], "preprocessor")
+    _require(pre, "window", ["hann"], "preprocessor")
+    _require(pre, "frame_splicing", [1], "preprocessor")
+    _require(pre, "log", [True], "preprocessor")
+    _require(mask, "allow_overlap", [True], "masking")
+    _require(enc, "subsampling", ["dw_striding"], "encoder")
+    _require(enc, "self_attention_model", ["rel_pos"], "encoder")
+    _require(enc, "untie_biases", [True], "encoder")
+    _require(enc, "causal_downsampling", [False], "encoder")
+    _require(enc, "feat_out", [-1, None], "encoder")
+    if list(enc.get("att_context_size", [-1, -1])) != [-1, -1]:
+        raise CheckpointError(f"encoder.att_context_size={enc['att_context_size']} is not supported (only [-1, -1])")
+    p = PreprocessorConfig()
+    preprocessor = PreprocessorConfig(
+        sample_rate=int(pre.get("sample_rate", nemo.get("sample_rate", p.sample_rate))),
+        window_size=float(pre.get("window_size", p.window_size)),
+        window_stride=float(pre.get("window_stride", p.window_stride)),
+        features=int(pre.get("features", p.features)),
+        n_fft=int(pre.get("n_fft", p.n_fft)),
+        preemph=float(pre.get("preemph", p.preemph)),
+        dither=float(pre.get("dither", p.dither)),
+        pad_to=int(pre.get("pad_to", p.pad_to)),
+    )
+    e = EncoderConfig()
+    d_model = int(enc.get("d_model", e.d_model))
+    channels = int(enc.get("subsampling_conv_channels", e.subsampling_conv_channels))
+    encoder = EncoderConfig(**{
+        **{k: type(v)(enc[k]) for k, v in asdict(e).items() if k in enc and enc[k] is not None},
+        "d_model": d_model,
+        "subsampling_conv_channels": d_model if channels == -1 else channels,
+    })
+    combine = int(q.get("combine_time_steps", encoder.subsampling_factor))
+    if combine != encoder.subsampling_factor:
+        raise CheckpointError(f"quantizer.combine_time_steps={combine} must equal the subsampling factor")
+    quantizer = QuantizerConfig(**{k: type(v)(q[k]) for k, v in asdict(QuantizerConfig()).items() if k in q})
+    masking = MaskingConfig(**{k: type(v)(mask[k]) for k, v in asdict(MaskingConfig()).items() if k in mask})
+    return ModelConfig(
+        preprocessor=preprocessor,
+        masking=masking,
+        quantizer=quantizer,
+        encoder=encoder,
+        decoder_use_bias=bool(dec.get("use_bias", True)),
+        mask_threshold=float(loss.get("mask_threshold", 0.8)),
+    )
+
+
+def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (our key names) of a NeMo NEST ``.nemo`` checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such .nemo file")
+    nemo_cfg, weights = _nemo_members(path)
+    cfg = model_config_from_nemo(nemo_cfg)
+    state = {k: v for k, v in weights.items() if k not in DERIVED_NEMO_KEYS}
+    return cfg, state
+
+
+def load_weights(
+    model: NestModel, state: dict[str, torch.Tensor], name: str, include=(), exclude=(), strict: bool = True
+) -> list[str]:
+    """Copy matching tensors of ``state`` into ``model``; report unknown, missing or mis-shaped keys by name.
+
+    ``include``/``exclude`` are fnmatch patterns on parameter names (e.g. ``encoder.*``). With
+    ``strict``, any missing or unknown key among the selected ones is an error; returns the loaded keys.
+    """
+    own = model.state_dict()
+
+    def selected(key: str) -> bool:
+        inc = not include or any(fnmatch.fnmatch(key, p) for p in include)
+        return inc and not any(fnmatch.fnmatch(key, p) for p in exclude)
+
+    unknown = sorted(k for k in state if selected(k) and k not in own)
+    missing = sorted(k for k in own if selected(k) and k not in state)
+    shape = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state if selected(k) and k in own and state[k].shape != own[k].shape
+    )
+    problems = []
+    if unknown:
+        problems.append(f"unknown keys: {', '.join(unknown)}")
+    if missing and strict:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if shape:
+        problems.append(f"shape mismatch: {'; '.join(shape)}")
+    if problems and strict:
+        raise CheckpointError(f"{name}: " + " | ".join(problems))
+    loaded = [k for k in state if selected(k) and k in own and state[k].shape == own[k].shape]
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(state[k])
+    return loaded
+
+
+def nemo_model(path: str | Path) -> NestModel:
+    """A NestModel built and loaded from a NeMo ``.nemo`` file, in eval mode."""
+    cfg, state = load_nemo(path)
+    model = NestModel(cfg)
+    load_weights(model, state, str(path))
+    return model.eval()
+
+
+def save_model(model: NestModel, path: str | Path) -> None:
+    """Our standalone checkpoint: the model config as plain data and the state dict."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model_config": asdict(model.cfg), "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """ModelConfig from the plain dict stored in our checkpoints."""
+    try:
+        return ModelConfig(
+            preset=d.get("preset"),
+            preprocessor=PreprocessorConfig(**d["preprocessor"]),
+            masking=MaskingConfig(**d["masking"]),
+            quantizer=QuantizerConfig(**d["quantizer"]),
+            encoder=EncoderConfig(**d["encoder"]),
+            decoder_use_bias=d["decoder_use_bias"],
+            mask_threshold=d["mask_threshold"],
+        )
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"model config in checkpoint is not of this version: {e}") from None
+
+
+def load_model(path: str | Path) -> NestModel:
+    """A NestModel from our checkpoint (``save_model`` or a Lightning .ckpt of train.py) or a ``.nemo`` file."""
+    path = Path(path)
+    if path.suffix == ".nemo":
+        return nemo_model(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    ckpt = safe_torch_load(path, str(path))
+    if "model_config" in ckpt:
+        cfg, state = ckpt["model_config"], ckpt["state_dict"]
+    elif "hyper_parameters" in ckpt and "model_config" in ckpt["hyper_parameters"]:
+        cfg = ckpt["hyper_parameters"]["model_config"]
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    else:
+        raise CheckpointError(f"{path}: neither a checkpoint of this project nor a .nemo file")
+    model = NestModel(model_config_from_dict(cfg))
+    load_weights(model, state, str(path))
+    return model.eval()
