@@ -1,0 +1,87 @@
+"""Command line of prepare.py: one subcommand per kind of input or product."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lhotse import CutSet
+
+from cuts.bins import estimate_bins, plot_bins
+from cuts.prepare import NothingUsable, prepare_audio_dir
+
+
+def cmd_audio_dir(args) -> dict:
+    return prepare_audio_dir(
+        Path(args.src), Path(args.out), channel=args.channel, min_duration=args.min_duration,
+        max_duration=args.max_duration, window=args.window, jobs=args.jobs,
+    )
+
+
+def cmd_bins(args) -> dict:
+    cuts = CutSet.from_jsonl_lazy(args.cuts) if str(args.cuts).endswith((".jsonl", ".jsonl.gz")) \
+        else CutSet.from_file(args.cuts)
+    bins, durations = estimate_bins(cuts, args.buckets)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bins.save(out)
+    if not args.no_plot:
+        plot_bins(durations, bins, out.with_suffix(".png"))
+    return {"num_buckets": len(bins.upper), "num_cuts": bins.num_cuts, "bins": str(out)}
+
+
+def cmd_synth(args) -> dict:
+    from cuts.synth import synthesize_corpus
+
+    return synthesize_corpus(Path(args.out), num_utterances=args.num_utterances, num_noises=args.num_noises,
+                             seed=args.seed)
+
+
+def add_set_options(p: argparse.ArgumentParser, window: float | None) -> None:
+    p.add_argument("--channel", choices=["first", "mix"], default="first", help="multi-channel files")
+    p.add_argument("--min-duration", type=float, default=0.1, help="shorter files are rejected (s)")
+    p.add_argument("--max-duration", type=float, default=None, help="longer cuts are rejected (s)")
+    p.add_argument("--window", type=float, default=window, help="cut long recordings into windows (s)")
+    p.add_argument("--jobs", type=int, default=1, help="processes reading audio headers")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prepare.py", description="Build CutSets, noise sets and bins for NEST.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("audio-dir", help="a folder tree of audio files -> CutSet")
+    p.add_argument("src")
+    p.add_argument("out")
+    add_set_options(p, window=None)
+    p.set_defaults(func=cmd_audio_dir)
+    p = sub.add_parser("noise", help="a folder tree of noise audio -> noise CutSet (10 s windows)")
+    p.add_argument("src")
+    p.add_argument("out")
+    add_set_options(p, window=10.0)
+    p.set_defaults(func=cmd_audio_dir)
+    p = sub.add_parser("bins", help="duration bins for bucketing (bins.yaml and a histogram PNG)")
+    p.add_argument("cuts")
+    p.add_argument("--buckets", type=int, default=30)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_bins)
+    p = sub.add_parser("synth", help="a small synthetic speech-like corpus and noise set (for the demo)")
+    p.add_argument("out")
+    p.add_argument("--num-utterances", type=int, default=240)
+    p.add_argument("--num-noises", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except (NothingUsable, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,132 @@
+"""CutSet of one batch -> AudioNoiseBatch: waveforms only, loaded and mixed in the dataloader workers."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from lhotse import CutSet
+from lhotse.cut import Cut, MixedCut
+
+from cuts.noise import NoiseMixer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AudioNoiseBatch:
+    """One batch. S = longest utterance in samples; every waveform is zero past its length."""
+
+    audio: torch.Tensor  # (B, S) clean speech: the quantizer's targets come from it
+    audio_lens: torch.Tensor  # (B,) int64
+    noise: torch.Tensor  # (B, S) interference as added (scaled, placed); zero where none
+    noise_lens: torch.Tensor  # (B,)
+    noisy_audio: torch.Tensor  # (B, S) audio + noise: the encoder's input
+    noisy_audio_lens: torch.Tensor  # (B,)
+    cut_ids: list[str] = field(default_factory=list)
+    num_failed: int = 0  # cuts dropped from this batch because their audio did not load
+    epoch: int = 0  # where the batch came from in the sampler, for exact resume
+    index: int = 0
+
+    def __len__(self) -> int:
+        return len(self.cut_ids)
+
+
+@dataclass
+class SamplerItem:
+    """What the sampler hands the dataset: the cuts of one batch and their position."""
+
+    cuts: CutSet
+    epoch: int = 0
+    index: int = 0
+
+
+def batch_seed(seed: int, item: SamplerItem) -> int:
+    """A seed that depends only on the run's seed and the batch, not on the worker that loads it."""
+    first = next(iter(item.cuts)).id if len(item.cuts) else ""
+    key = f"{seed}:{item.epoch}:{item.index}:{first}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def load_mono(cut: Cut) -> np.ndarray:
+    """(num_samples,) float32; several channels are averaged."""
+    audio = cut.load_audio()
+    return (audio.mean(0) if audio.ndim == 2 else audio).astype(np.float32)
+
+
+def snr_gain(reference: np.ndarray, added: np.ndarray, snr: Optional[float]) -> float:
+    """Gain making mean power of ``reference`` over that of ``added`` equal ``snr`` dB; 1 when either is silent."""
+    if snr is None:
+        return 1.0
+    ref, add = float(np.mean(reference.astype(np.float64) ** 2)), float(np.mean(added.astype(np.float64) ** 2))
+    if ref <= 0 or add <= 0:
+        return 1.0
+    return float(np.sqrt(ref * 10 ** (-snr / 10) / add))
+
+
+def load_clean_and_noise(cut: Cut) -> tuple[np.ndarray, np.ndarray]:
+    """Clean audio and the interference placed and scaled as the MixedCut describes, unmixed."""
+    if not isinstance(cut, MixedCut):
+        clean = load_mono(cut)
+        return clean, np.zeros_like(clean)
+    first, *rest = cut.tracks
+    clean = load_mono(first.cut)
+    noise = np.zeros_like(clean)
+    sr = first.cut.sampling_rate
+    for track in rest:
+        try:
+            piece = load_mono(track.cut)
+        except Exception as e:  # a bad noise file must not cost the utterance
+            log.warning("skipping interference %s of cut %s: %s", track.cut.id, cut.id, e)
+            continue
+        start = int(round(track.offset * sr))
+        piece = piece[: max(0, len(noise) - start)]
+        noise[start : start + len(piece)] += snr_gain(clean, piece, track.snr) * piece
+    return clean, noise
+
+
+class NestDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose index is a SamplerItem; returns an AudioNoiseBatch.
+
+    Cuts are resampled to ``sample_rate`` on load (source files are never rewritten). Interference
+    is drawn with an RNG seeded from the run's seed and the batch, so a batch is the same whichever
+    worker loads it, after a resume too, and validation noise is the same in every run.
+    """
+
+    def __init__(self, sample_rate: int, mixer: Optional[NoiseMixer], seed: int):
+        self.sample_rate = sample_rate
+        self.mixer = mixer
+        self.seed = seed
+
+    def __getitem__(self, item: SamplerItem) -> AudioNoiseBatch:
+        cuts = [c if c.sampling_rate == self.sample_rate else c.resample(self.sample_rate) for c in item.cuts]
+        if self.mixer is not None:
+            cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
+        loaded, ids, failed = [], [], 0
+        for cut in cuts:
+            try:
+                loaded.append(load_clean_and_noise(cut))
+                ids.append(cut.id)
+            except Exception as e:
+                failed += 1
+                log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
+        return collate(loaded, ids, failed, item)
+
+
+def collate(loaded: Sequence[tuple[np.ndarray, np.ndarray]], ids: list[str], failed: int, item: SamplerItem) -> AudioNoiseBatch:
+    """Pad clean and noise waveforms into one batch."""
+    lens = torch.tensor([len(c) for c, _ in loaded], dtype=torch.int64)
+    S = int(lens.max()) if len(lens) else 0
+    audio = torch.zeros(len(loaded), S)
+    noise = torch.zeros(len(loaded), S)
+    for i, (c, n) in enumerate(loaded):
+        audio[i, : len(c)] = torch.from_numpy(c)
+        noise[i, : len(n)] = torch.from_numpy(n)
+    return AudioNoiseBatch(
+        audio=audio, audio_lens=lens, noise=noise, noise_lens=lens.clone(), noisy_audio=audio + noise,
+        noisy_audio_lens=lens.clone(), cut_ids=ids, num_failed=failed, epoch=item.epoch, index=item.index,
+    )

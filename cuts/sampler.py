@@ -1,0 +1,108 @@
+"""Lhotse's DynamicBucketingSampler over lazy CutSets, wrapped for endless epochs and exact resume."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+import yaml
+from lhotse import CutSet
+from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
+
+from cuts.bins import Bins
+from cuts.config import DataConfig
+from cuts.dataset import SamplerItem
+
+
+def open_cuts(source: str, seed: int) -> CutSet:
+    """A lazy CutSet from a manifest (jsonl/jsonl.gz) or a Lhotse Shar folder."""
+    path = Path(source)
+    if path.is_dir():
+        return CutSet.from_shar(in_dir=path, shuffle_shards=True, seed=seed)
+    if not path.is_file():
+        raise FileNotFoundError(f"cuts {source!r} not found: give a CutSet manifest or a Shar folder")
+    return CutSet.from_file(path) if path.suffix == ".json" else CutSet.from_jsonl_lazy(path)
+
+
+def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) -> CutSet:
+    """Several corpora as one lazy CutSet, interleaved at random with the given weights."""
+    sets = [open_cuts(s, seed) for s in sources]
+    if len(sets) == 1:
+        return sets[0]
+    if weights and len(weights) != len(sets):
+        raise ValueError(f"data.train_weights has {len(weights)} entries for {len(sets)} data.train_cuts")
+    return CutSet.mux(*sets, weights=list(weights) if weights else None, seed=seed)
+
+
+def load_batch_sizes(path: str, bins: Bins) -> list[int]:
+    """Per-bucket batch sizes from ``prepare.py calibrate`` (a YAML list, one per bucket)."""
+    d = yaml.safe_load(Path(path).read_text())
+    sizes = d["batch_sizes"] if isinstance(d, dict) else d
+    if not isinstance(sizes, list) or len(sizes) != len(bins.upper):
+        raise ValueError(f"{path}: need one batch size per bucket ({len(bins.upper)}), got {sizes!r}")
+    return [int(s) for s in sizes]
+
+
+class DurationFilter:
+    """Keeps cuts with ``lo <= duration <= hi`` (a class, not a lambda, so that it pickles)."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, cut) -> bool:
+        return self.lo <= cut.duration <= self.hi
+
+
+def build_sampler(
+    cuts: CutSet, cfg: DataConfig, *, train: bool, seed: int, world_size: int = 1, rank: int = 0,
+    bins: Optional[Bins] = None,
+) -> DynamicBucketingSampler:
+    """Bucketing sampler: duration-based, or per-bucket batch sizes when ``data.bucket_batch_size`` is set."""
+    max_duration = cfg.max_duration
+    kwargs = dict(
+        shuffle=train, drop_last=train and cfg.drop_last, seed=seed, world_size=world_size, rank=rank,
+        sync_buckets=True, buffer_size=max(cfg.shuffle_buffer_size, 1000), quadratic_duration=cfg.quadratic_duration,
+    )
+    if cfg.bucket_batch_size:
+        if bins is None:
+            raise ValueError("data.bucket_batch_size needs data.bins (the bins it was calibrated for)")
+        max_duration = min(max_duration, bins.upper[-1])
+        kwargs["constraint"] = FixedBucketBatchSizeConstraint(bins.upper, load_batch_sizes(cfg.bucket_batch_size, bins))
+        kwargs["duration_bins"] = bins.upper
+    else:
+        kwargs["max_duration"] = cfg.batch_duration if train else (cfg.val_batch_duration or cfg.batch_duration)
+        if bins is not None:
+            kwargs["duration_bins"] = bins.duration_bins
+        else:
+            kwargs["num_buckets"] = cfg.num_buckets
+    cuts = cuts.filter(DurationFilter(cfg.min_duration, max_duration))
+    return DynamicBucketingSampler(cuts, **kwargs)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields SamplerItem(cuts, epoch, index) from a lhotse sampler, one epoch after another when
+    ``endless``. ``position`` (epoch, batches already consumed) restores a run exactly: the
+    consumed batches of that epoch are skipped without loading audio, nothing is repeated."""
+
+    def __init__(self, sampler: DynamicBucketingSampler, endless: bool):
+        self.sampler = sampler
+        self.endless = endless
+        self.position = (0, 0)
+
+    def __iter__(self) -> Iterator[SamplerItem]:
+        epoch, skip = self.position
+        while True:
+            self.sampler.set_epoch(epoch)
+            count = 0
+            for index, cuts in enumerate(self.sampler):
+                count += 1
+                if index >= skip:
+                    yield SamplerItem(cuts=cuts, epoch=epoch, index=index)
+            if count == 0:
+                raise RuntimeError(
+                    "the sampler made no batch: every cut was filtered out (check data.min_duration, "
+                    "data.max_duration, data.bins and the batch sizes against your cut durations)"
+                )
+            if not self.endless:
+                return
+            epoch, skip = epoch + 1, 0
