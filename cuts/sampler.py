@@ -100,8 +100,9 @@ class EpochSampler(torch.utils.data.Sampler):
                     yield SamplerItem(cuts=cuts, epoch=epoch, index=index)
             if count == 0:
                 raise RuntimeError(
-                    "the sampler made no batch: every cut was filtered out (check data.min_duration, "
-                    "data.max_duration, data.bins and the batch sizes against your cut durations)"
+                    "the sampler made no batch: check data.min_duration/max_duration against your cut "
+                    "durations, and data.num_buckets or data.bins against the amount of data (with drop_last, "
+                    "a bucket that never fills a batch yields nothing)"
                 )
             if not self.endless:
                 return

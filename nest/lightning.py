@@ -15,6 +15,11 @@ from nest.config import ModelConfig, OptimConfig
 from nest.model import NestModel, NestOutput, noam_lambda
 
 
+def batch_torch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """The torch seed for one training batch on one rank."""
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 15_485_863 + index * 104_729) % 2**63
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
 
@@ -28,7 +33,8 @@ def codebook_perplexity(tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class NestLightningModule(pl.LightningModule):
-    def __init__(self, model_config: dict, optim_config: dict, max_bad_steps: int = 20, val_seed: int = 0):
+    def __init__(self, model_config: dict, optim_config: dict, max_bad_steps: int = 20, seed: int = 0,
+                 val_seed: int = 0):
         super().__init__()
         # Plain dicts, so that checkpoints load with weights_only=True.
         self.save_hyperparameters()
@@ -36,6 +42,7 @@ class NestLightningModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**optim_config)
         self.model = NestModel(self.model_cfg)
         self.max_bad_steps = max_bad_steps
+        self.seed = seed
         self.val_seed = val_seed
         self.bad_steps = 0
         self.skipped_steps = 0
@@ -71,6 +78,14 @@ class NestLightningModule(pl.LightningModule):
     def on_train_batch_start(self, batch: AudioNoiseBatch, batch_idx: int) -> None:
         if self._last_time is not None:
             self._data_wait = time.perf_counter() - self._last_time
+        # Masks, dither and dropout draw from torch's generators, seeded per batch and rank: a resumed
+        # run draws exactly what the uninterrupted one did, and ranks draw differently.
+        torch.manual_seed(batch_torch_seed(self.seed, self.global_rank, batch.epoch, batch.index))
+        # Marked before the step: Lightning saves step checkpoints at the end of the batch, in callback
+        # hooks that run before this module's on_train_batch_end.
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "mark_consumed"):
+            dm.mark_consumed(batch.epoch, batch.index)
 
     def training_step(self, batch: AudioNoiseBatch, batch_idx: int):
         start = time.perf_counter()
@@ -98,16 +113,13 @@ class NestLightningModule(pl.LightningModule):
         m["train/audio_s_per_s"] = torch.tensor(info["audio_s"] / max(time.perf_counter() - start + self._data_wait, 1e-9))
         m["train/data_wait_s"] = torch.tensor(self._data_wait)
         m["train/failed_cuts"] = torch.tensor(float(batch.num_failed))
-        m["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"]) if self._trainer else torch.tensor(0.0)
+        m["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict(m, prog_bar=False, batch_size=len(batch))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
         return loss
 
     def on_train_batch_end(self, outputs, batch: AudioNoiseBatch, batch_idx: int) -> None:
         self._last_time = time.perf_counter()
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "mark_consumed"):
-            dm.mark_consumed(batch.epoch, batch.index)
 
     def validation_step(self, batch: AudioNoiseBatch, batch_idx: int):
         if len(batch) == 0:
@@ -157,5 +169,5 @@ class NestLightningModule(pl.LightningModule):
         }
 
 
-def make_module(model_cfg: ModelConfig, optim_cfg: OptimConfig, max_bad_steps: int) -> NestLightningModule:
-    return NestLightningModule(asdict(model_cfg), asdict(optim_cfg), max_bad_steps=max_bad_steps)
+def make_module(model_cfg: ModelConfig, optim_cfg: OptimConfig, max_bad_steps: int, seed: int) -> NestLightningModule:
+    return NestLightningModule(asdict(model_cfg), asdict(optim_cfg), max_bad_steps=max_bad_steps, seed=seed)

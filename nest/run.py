@@ -111,7 +111,7 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
-        sync_batchnorm=t.sync_batchnorm and t.strategy != "auto",
+        sync_batchnorm=t.sync_batchnorm and on_gpu and t.strategy != "auto",  # SyncBatchNorm needs CUDA
         use_distributed_sampler=False,  # lhotse's sampler splits the data between ranks itself
         logger=TensorBoardLogger(str(exp_dir), name="tb", version=""),
         callbacks=callbacks,
@@ -128,7 +128,7 @@ def train(cfg: RunConfig) -> dict:
     (exp_dir / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.seed, workers=False)
     datamodule = NestDataModule(cfg.data, cfg.model.preprocessor.sample_rate, cfg.seed)
-    module = make_module(cfg.model, cfg.optim, cfg.trainer.max_bad_steps)
+    module = make_module(cfg.model, cfg.optim, cfg.trainer.max_bad_steps, cfg.seed)
     ckpt_path = find_resume(cfg)
     if cfg.init_from and ckpt_path is None:
         initialize(module, cfg)

@@ -1,0 +1,133 @@
+"""train.py's lifecycle on CPU: checkpoints, TensorBoard metrics, kill and resume, init_from, extraction."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lhotse import CutSet
+
+from nest.config import ConfigError, load_config
+from nest.extract import extract, load_pretrained_encoder
+from nest.run import train
+from tests.conftest import NEMO_FIXTURES, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trace_run(trace: Path, kill_at: int, overrides: list[str]) -> int:
+    r = subprocess.run([sys.executable, "-m", "tests.trace_train", str(trace), str(kill_at), *overrides],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if r.returncode not in (0, -9):
+        raise AssertionError(r.stderr[-3000:])
+    return r.returncode
+
+
+def read_trace(path: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run replays the steps after its checkpoint)."""
+    steps = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        steps[rec["step"]] = rec
+    return steps
+
+
+def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run(tiny_corpus, tmp_path):
+    common = dict(**{"trainer.max_steps": 10, "trainer.checkpoint_every_n_steps": 4,
+                     "trainer.val_check_interval": 5, "trainer.limit_val_batches": 2, "data.num_workers": 1})
+    assert trace_run(tmp_path / "a.jsonl", -1, tiny_overrides(tiny_corpus, tmp_path / "a", **common)) == 0
+    b = tiny_overrides(tiny_corpus, tmp_path / "b", **common, resume="auto")
+    assert trace_run(tmp_path / "b.jsonl", 6, b) == -9  # killed after step 6; last checkpoint at step 4
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
+    assert not list((tmp_path / "b" / "checkpoints").glob(".*.tmp"))
+    assert trace_run(tmp_path / "b.jsonl", -1, b) == 0
+    a, b = read_trace(tmp_path / "a.jsonl"), read_trace(tmp_path / "b.jsonl")
+    assert sorted(a) == sorted(b) == list(range(10))
+    for step in a:
+        assert a[step]["cut_ids"] == b[step]["cut_ids"], step
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-6), step
+
+
+def test_short_run_writes_checkpoints_and_metrics(tiny_corpus, tmp_path):
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 6, "trainer.checkpoint_every_n_steps": 3,
+                                          "trainer.val_check_interval": 3, "trainer.log_every_n_steps": 1,
+                                          "trainer.limit_val_batches": 2, "data.num_workers": 0}))
+    summary = train(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "exp" / "checkpoints").glob("*.ckpt"))
+    assert {"last.ckpt", "best.ckpt", "step00000003.ckpt", "step00000006.ckpt"} <= set(ckpts)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "exp" / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "val/loss", "val_loss", "train/lr", "train/masked_accuracy", "train/target_perplexity",
+                "train/masked_fraction", "train/padding_ratio", "train/audio_s_per_s", "train/data_wait_s"):
+        assert tag in tags, (tag, sorted(tags))
+    assert summary["steps"] == 6 and summary["audio_hours_seen"] > 0
+
+
+@pytest.mark.skipif(not (NEMO_FIXTURES / "nest_tiny.nemo").is_file(), reason="no NeMo fixture")
+def test_init_from_nemo_loads_and_trains(tiny_corpus, tmp_path):
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 2, "data.num_workers": 0,
+                                          "init_from": str(NEMO_FIXTURES / "nest_tiny.nemo")}))
+    from nest.checkpoint import load_nemo
+    from nest.lightning import make_module
+    from nest.run import initialize
+
+    module = make_module(cfg.model, cfg.optim, 5, 0)
+    initialize(module, cfg)
+    _, state = load_nemo(cfg.init_from)
+    assert torch.equal(module.model.encoder.layers[1].self_attn.linear_q.weight,
+                       state["encoder.layers.1.self_attn.linear_q.weight"])
+    assert train(cfg)["steps"] == 2
+
+
+def test_init_from_with_include_pattern(tiny_corpus, tmp_path):
+    if not (NEMO_FIXTURES / "nest_tiny.nemo").is_file():
+        pytest.skip("no NeMo fixture")
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", init_from=str(NEMO_FIXTURES / "nest_tiny.nemo"),
+        init_include="[encoder.*]", **{"model.quantizer.num_classes": 32}))
+    from nest.lightning import make_module
+    from nest.run import initialize
+
+    module = make_module(cfg.model, cfg.optim, 5, 0)
+    before = module.model.decoder.decoder_layers[0].weight.clone()
+    initialize(module, cfg)  # decoder shape differs (32 classes) but only encoder.* is loaded
+    assert torch.equal(module.model.decoder.decoder_layers[0].weight, before)
+
+
+def test_extraction_writes_one_array_per_cut_and_layer(tiny_corpus, tmp_path):
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 1, "data.num_workers": 0}))
+    train(cfg)
+    ckpt = tmp_path / "exp" / "checkpoints" / "last.ckpt"
+    cuts = CutSet.from_file(tiny_corpus["dev"]).subset(first=3)
+    assert extract(str(ckpt), cuts, tmp_path / "feats", layers="all", batch_size=2) == 3
+    encoder = load_pretrained_encoder(ckpt).eval()
+    for cut in cuts:
+        audio = torch.from_numpy(cut.resample(16000).load_audio()[0])[None]
+        ref, ref_lens = encoder(audio, torch.tensor([audio.shape[1]]))
+        for layer in (0, 1):
+            arr = np.load(tmp_path / "feats" / f"layer{layer}" / f"{cut.id}.npy")
+            assert arr.shape == (int(ref_lens[0]), 64)
+        assert np.allclose(arr, ref[0, :, : ref_lens[0]].T.detach().numpy(), atol=1e-4)
+    assert extract(str(ckpt), cuts, tmp_path / "lh", layers="-1", fmt="lhotse") == 3
+    with_feats = CutSet.from_file(tmp_path / "lh" / "cuts_with_features.jsonl.gz")
+    for cut in with_feats:
+        assert cut.load_custom("layer_1").shape[1] == 64
+
+
+def test_failures_before_training(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(load_config(ROOT / "configs" / "nest_tiny.yaml",
+                          tiny_overrides(tiny_corpus, tmp_path, **{"data.train_cuts": f"[{tmp_path}/none.jsonl.gz]"})))
+    empty = tmp_path / "empty.jsonl.gz"
+    CutSet([]).to_file(empty)
+    with pytest.raises(ConfigError, match="holds no cuts"):
+        train(load_config(ROOT / "configs" / "nest_tiny.yaml",
+                          tiny_overrides(tiny_corpus, tmp_path, **{"data.train_cuts": f"[{empty}]"})))
+    assert not (tmp_path / "checkpoints").exists()
