@@ -11,13 +11,47 @@ from lhotse import CutSet
 
 from cuts.bins import estimate_bins, plot_bins
 from cuts.prepare import NothingUsable, prepare_audio_dir
+from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
 
 
 def cmd_audio_dir(args) -> dict:
-    return prepare_audio_dir(
-        Path(args.src), Path(args.out), channel=args.channel, min_duration=args.min_duration,
-        max_duration=args.max_duration, window=args.window, jobs=args.jobs,
-    )
+    return prepare_audio_dir(Path(args.src), Path(args.out), **set_options(args))
+
+
+def set_options(args) -> dict:
+    return dict(channel=args.channel, min_duration=args.min_duration, max_duration=args.max_duration,
+                window=args.window, jobs=args.jobs)
+
+
+def cmd_nemo_manifest(args) -> dict:
+    return prepare_nemo_manifests([Path(m) for m in args.manifests], Path(args.out), **set_options(args))
+
+
+def cmd_manifest(args) -> dict:
+    return prepare_lhotse_manifest([Path(m) for m in args.manifests], Path(args.out), **set_options(args))
+
+
+def cmd_recipe(args) -> dict:
+    opts = set_options(args)
+    del opts["channel"]
+    return prepare_recipe(args.corpus, Path(args.corpus_dir), Path(args.out), download=args.download,
+                          parts=args.parts, **opts)
+
+
+def cmd_noise(args) -> dict:
+    """A noise set from a folder, a NeMo manifest (.json) or a Lhotse manifest, by what SRC is."""
+    src = Path(args.src)
+    if src.is_dir():
+        return prepare_audio_dir(src, Path(args.out), **set_options(args))
+    if src.name.endswith((".jsonl.gz", ".jsonl")) and not src.name.endswith(".json"):
+        return prepare_lhotse_manifest([src], Path(args.out), **set_options(args))
+    if src.suffix == ".json":
+        return prepare_nemo_manifests([src], Path(args.out), **set_options(args))
+    raise FileNotFoundError(f"{src}: give a folder, a NeMo manifest (.json) or a Lhotse manifest (.jsonl.gz)")
+
+
+def cmd_shar(args) -> dict:
+    return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size)
 
 
 def cmd_bins(args) -> dict:
@@ -55,11 +89,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     add_set_options(p, window=None)
     p.set_defaults(func=cmd_audio_dir)
-    p = sub.add_parser("noise", help="a folder tree of noise audio -> noise CutSet (10 s windows)")
+    p = sub.add_parser("nemo-manifest", help="NeMo JSON-lines manifests -> CutSet")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("out")
+    add_set_options(p, window=None)
+    p.set_defaults(func=cmd_nemo_manifest)
+    p = sub.add_parser("manifest", help="existing Lhotse CutSet or RecordingSet manifests -> checked CutSet")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("out")
+    add_set_options(p, window=None)
+    p.set_defaults(func=cmd_manifest)
+    p = sub.add_parser("recipe", help=f"a corpus through Lhotse's recipe: {', '.join(RECIPES)}")
+    p.add_argument("corpus", choices=RECIPES)
+    p.add_argument("corpus_dir")
+    p.add_argument("out")
+    p.add_argument("--download", action="store_true", help="download the corpus first (needs network)")
+    p.add_argument("--parts", nargs="*", default=None, help="e.g. train-clean-100 dev-clean, or noise music")
+    add_set_options(p, window=None)
+    p.set_defaults(func=cmd_recipe)
+    p = sub.add_parser("noise", help="a noise set (10 s windows) from a folder, NeMo or Lhotse manifest")
     p.add_argument("src")
     p.add_argument("out")
     add_set_options(p, window=10.0)
-    p.set_defaults(func=cmd_audio_dir)
+    p.set_defaults(func=cmd_noise)
+    p = sub.add_parser("shar", help="export a CutSet with its audio (flac) as Lhotse Shar shards")
+    p.add_argument("cuts")
+    p.add_argument("out")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.set_defaults(func=cmd_shar)
     p = sub.add_parser("bins", help="duration bins for bucketing (bins.yaml and a histogram PNG)")
     p.add_argument("cuts")
     p.add_argument("--buckets", type=int, default=30)

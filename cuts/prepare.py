@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 from lhotse import CutSet, MonoCut, MultiCut, Recording
@@ -50,6 +50,27 @@ def recording_to_cut(rec: Recording, channel: str) -> Union[MonoCut, MultiCut]:
     return MultiCut(id=rec.id, start=0.0, duration=rec.duration, channel=list(range(rec.num_channels)), recording=rec)
 
 
+def wav_truncation(path: Path) -> Optional[str]:
+    """For a RIFF/WAVE file whose data chunk declares more bytes than the file holds, say so.
+    (libsndfile silently reads such a file as a shorter one.)"""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                available = size - f.tell()
+                if length != 0xFFFFFFFF and length > available:
+                    return f"corrupt: truncated wav, data chunk declares {length} bytes but the file holds {available}"
+                return None
+            f.seek(length + (length & 1), 1)
+
+
 def probe(path: Path, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
     """A Recording for a usable file, or the reason it is not usable. Decodes the file once to catch
     corrupt, truncated and silent audio that a header alone would not reveal."""
@@ -58,48 +79,61 @@ def probe(path: Path, min_duration: float, check_audio: bool = True) -> Union[Re
         return Rejection(p, "missing")
     if path.stat().st_size == 0:
         return Rejection(p, "empty")
+    truncated = wav_truncation(path) if path.suffix.lower() == ".wav" else None
+    if truncated:
+        return Rejection(p, truncated)
     try:
         rec = Recording.from_file(path, recording_id=path.stem)
     except Exception as e:  # any decoder error means unreadable
         return Rejection(p, f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip())
+    return check_recording(rec, p, min_duration, check_audio)
+
+
+def check_recording(rec: Recording, source: str, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
+    """``rec`` if its audio is usable, else why not: empty, too short, corrupt, truncated or silent."""
     if rec.num_samples <= 0 or rec.duration <= 0:
-        return Rejection(p, "empty")
+        return Rejection(source, "empty")
     if rec.duration < min_duration:
-        return Rejection(p, f"too short: {rec.duration:.3f} s < --min-duration {min_duration} s")
+        return Rejection(source, f"too short: {rec.duration:.3f} s < --min-duration {min_duration} s")
     if not check_audio:
         return rec
     try:
         audio = rec.load_audio()
     except Exception as e:
-        return Rejection(p, f"corrupt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip())
+        return Rejection(source, f"corrupt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip())
     decoded = audio.shape[-1] / rec.sampling_rate
     if abs(decoded - rec.duration) > DURATION_TOLERANCE:
-        return Rejection(p, f"corrupt: header says {rec.duration:.3f} s, decoded {decoded:.3f} s (truncated?)")
+        return Rejection(source, f"corrupt: header says {rec.duration:.3f} s, decoded {decoded:.3f} s (truncated?)")
     if not np.isfinite(audio).all():
-        return Rejection(p, "corrupt: non-finite samples")
+        return Rejection(source, "corrupt: non-finite samples")
     if np.abs(audio).max() < SILENCE_PEAK:
-        return Rejection(p, "zero energy")
+        return Rejection(source, "zero energy")
     return rec
 
 
-def _probe_star(args):
-    return probe(*args)
+def _star(args):
+    fn, *rest = args
+    return fn(*rest)
+
+
+def parallel_map(fn: Callable, items: Iterable[tuple], jobs: int) -> Iterator:
+    """``fn(*item)`` for each item, in ``jobs`` processes, in input order, with bounded memory."""
+    if jobs <= 1:
+        yield from (fn(*item) for item in items)
+        return
+    with ProcessPoolExecutor(jobs) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(_star, (fn, *item)))
+            if len(window) >= 64 * jobs:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def probe_all(paths: Iterable[Path], min_duration: float, jobs: int) -> Iterator[Union[Recording, Rejection]]:
-    """``probe`` over many files in ``jobs`` processes, in input order, with bounded memory."""
-    args = ((p, min_duration) for p in paths)
-    if jobs <= 1:
-        yield from map(_probe_star, args)
-        return
-    with ProcessPoolExecutor(jobs) as pool:
-        window = []
-        for a in args:
-            window.append(pool.submit(_probe_star, a))
-            if len(window) >= 64 * jobs:
-                yield window.pop(0).result()
-        for fut in window:
-            yield fut.result()
+    """``probe`` over many files in parallel, in input order."""
+    return parallel_map(probe, ((p, min_duration) for p in paths), jobs)
 
 
 class SetWriter:
@@ -113,10 +147,15 @@ class SetWriter:
         self.durations: list[float] = []
         self.reasons: Counter = Counter()
         self.seen_ids: set[str] = set()
+        self.recording_files: dict[str, str] = {}  # recording id -> its audio file
 
     def add_cut(self, cut, source: str) -> None:
-        if cut.id in self.seen_ids:
-            self.reject(Rejection(source, f"duplicate id {cut.id!r}"))
+        """Write ``cut``; a cut id seen before, or a recording id naming another file, is a duplicate."""
+        rec_id = cut.recording.id if cut.has_recording else cut.id
+        audio = str(cut.recording.sources[0].source) if cut.has_recording else source
+        first = self.recording_files.setdefault(rec_id, audio)
+        if cut.id in self.seen_ids or first != audio:
+            self.reject(Rejection(source, f"duplicate id {rec_id!r} (first seen in {first})"))
             return
         self.seen_ids.add(cut.id)
         self.cuts.write(cut)
@@ -178,12 +217,16 @@ def prepare_audio_dir(
     for path, result in zip(paths, tqdm(probe_all(paths, min_duration, jobs), total=len(paths), desc="audio-dir")):
         if isinstance(result, Rejection):
             writer.reject(result)
-            continue
-        for cut in window_cut(recording_to_cut(result, channel), window):
-            if max_duration is not None and cut.duration > max_duration:
-                writer.reject(Rejection(str(path), f"too long: {cut.duration:.2f} s > --max-duration {max_duration} s"))
-            elif cut.duration < min_duration:
-                continue  # the short tail of a windowed recording
-            else:
-                writer.add_cut(cut, str(path))
+        else:
+            add_windows(writer, recording_to_cut(result, channel), str(path), min_duration, max_duration, window)
     return finish(writer, str(src))
+
+
+def add_windows(writer: SetWriter, cut, source: str, min_duration: float, max_duration: Optional[float],
+                window: Optional[float]) -> None:
+    """Write ``cut`` (cut into windows when asked), rejecting what is too long and dropping short tails."""
+    for piece in window_cut(cut, window):
+        if max_duration is not None and piece.duration > max_duration:
+            writer.reject(Rejection(source, f"too long: {piece.duration:.2f} s > --max-duration {max_duration} s"))
+        elif piece.duration >= min_duration or piece is cut:
+            writer.add_cut(piece, source)
