@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lhotse import CutSet
 
-from cuts.bins import estimate_bins, plot_bins
+from cuts.bins import Bins, estimate_bins, plot_bins
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
 
@@ -52,6 +52,34 @@ def cmd_noise(args) -> dict:
 
 def cmd_shar(args) -> dict:
     return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size)
+
+
+def cmd_calibrate(args) -> dict:
+    from cuts.calibrate import run_calibration
+    from nest.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    uppers = Bins.load(args.bins).upper
+    results = run_calibration(
+        cfg.model, uppers, args.out, memory_fraction=args.memory_fraction, memory_budget_gib=args.memory_budget_gib,
+        precision=args.precision, gap=args.gap, ddp_allowance=not args.no_ddp_allowance, device=args.device,
+    )
+    return {"out": args.out, "buckets": [{"upper_s": r.upper, "batch_size": r.batch_size,
+                                          "peak_gib": round(r.peak_bytes / 2**30, 3)} for r in results]}
+
+
+def cmd_report(args) -> dict:
+    import numpy as np
+
+    from cuts.report import bucket_report, format_table, load_uppers_and_sizes, plot_report
+
+    uppers, sizes = load_uppers_and_sizes(args.bins, args.batch_sizes)
+    durations = np.fromiter((c.duration for c in CutSet.from_jsonl_lazy(args.cuts)), dtype=np.float64)
+    rows = bucket_report(durations[durations <= uppers[-1]], uppers, sizes, args.batch_duration)
+    print(format_table(rows), file=sys.stderr)
+    png = Path(args.png or Path(args.batch_sizes or args.bins).with_suffix(".report.png"))
+    plot_report(rows, png)
+    return {"png": str(png), "left_out_longer_than_last_bucket": int((durations > uppers[-1]).sum())}
 
 
 def cmd_bins(args) -> dict:
@@ -123,6 +151,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_bins)
+    p = sub.add_parser("calibrate", help="per-bucket batch sizes that fill accelerator memory")
+    p.add_argument("--config", required=True)
+    p.add_argument("--bins", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--memory-fraction", type=float, default=0.9, help="of the GPU's memory")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="an absolute budget (needed on CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU")
+    p.add_argument("--gap", type=float, default=0.05, help="stop when the search bracket is this tight (relative)")
+    p.add_argument("--no-ddp-allowance", action="store_true", help="single device: keep no room for DDP buckets")
+    p.add_argument("--device", default=None)
+    p.add_argument("overrides", nargs="*", help="config key=value")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("report", help="per-bucket cuts, hours, batch size, padding, steps (table + PNG)")
+    p.add_argument("cuts")
+    p.add_argument("--bins")
+    p.add_argument("--batch-sizes")
+    p.add_argument("--batch-duration", type=float, default=600.0, help="without --batch-sizes")
+    p.add_argument("--png", default=None)
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("synth", help="a small synthetic speech-like corpus and noise set (for the demo)")
     p.add_argument("out")
     p.add_argument("--num-utterances", type=int, default=240)

@@ -34,13 +34,17 @@ def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) ->
     return CutSet.mux(*sets, weights=list(weights) if weights else None, seed=seed)
 
 
-def load_batch_sizes(path: str, bins: Bins) -> list[int]:
-    """Per-bucket batch sizes from ``prepare.py calibrate`` (a YAML list, one per bucket)."""
+def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
+    """Bucket bounds and per-bucket batch sizes from ``prepare.py calibrate`` (batch_sizes.yaml)."""
     d = yaml.safe_load(Path(path).read_text())
-    sizes = d["batch_sizes"] if isinstance(d, dict) else d
-    if not isinstance(sizes, list) or len(sizes) != len(bins.upper):
-        raise ValueError(f"{path}: need one batch size per bucket ({len(bins.upper)}), got {sizes!r}")
-    return [int(s) for s in sizes]
+    try:
+        uppers = [float(u) for u in d["bucket_upper_duration"]]
+        sizes = [int(b) for b in d["batch_sizes"]]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `prepare.py calibrate`)") from None
+    if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1:
+        raise ValueError(f"{path}: one positive batch size per bucket, bounds increasing")
+    return uppers, sizes
 
 
 class DurationFilter:
@@ -64,11 +68,11 @@ def build_sampler(
         sync_buckets=True, buffer_size=max(cfg.shuffle_buffer_size, 1000), quadratic_duration=cfg.quadratic_duration,
     )
     if cfg.bucket_batch_size:
-        if bins is None:
-            raise ValueError("data.bucket_batch_size needs data.bins (the bins it was calibrated for)")
-        max_duration = min(max_duration, bins.upper[-1])
-        kwargs["constraint"] = FixedBucketBatchSizeConstraint(bins.upper, load_batch_sizes(cfg.bucket_batch_size, bins))
-        kwargs["duration_bins"] = bins.upper
+        # The calibrated file carries its own (merged) bucket bounds; data.bins is not needed with it.
+        uppers, sizes = load_batch_sizes(cfg.bucket_batch_size)
+        max_duration = min(max_duration, uppers[-1])
+        kwargs["constraint"] = FixedBucketBatchSizeConstraint(uppers, sizes)
+        kwargs["duration_bins"] = uppers
     else:
         kwargs["max_duration"] = cfg.batch_duration if train else (cfg.val_batch_duration or cfg.batch_duration)
         if bins is not None:

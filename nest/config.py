@@ -119,6 +119,8 @@ class TrainerConfig:
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     enable_progress_bar: bool = True
     sync_batchnorm: bool = True
+    logger: str = "tensorboard"  # tensorboard | wandb (pip install '.[wandb]')
+    wandb_project: Optional[str] = None
 
 
 @dataclass
@@ -226,6 +228,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.quantizer.dist_fn must be l2 or cosine")
     if enc.conv_kernel_size % 2 == 0:
         raise ConfigError("model.encoder.conv_kernel_size must be odd")
+    if cfg.trainer.logger not in ("tensorboard", "wandb"):
+        raise ConfigError(f"trainer.logger={cfg.trainer.logger!r}: use tensorboard or wandb")
     if cfg.trainer.precision not in (None, "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: use 32, bf16-mixed or 16-mixed")
 

@@ -91,11 +91,17 @@ class NestLightningModule(pl.LightningModule):
         start = time.perf_counter()
         if len(batch) == 0:
             return None  # every cut of the batch failed to load; already counted
+        # A non-finite forward pass would poison BatchNorm's running statistics even when the step is
+        # skipped: keep a copy of them (a few KB) to put back.
+        norm_stats = [(b, b.clone()) for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm1d)
+                      for b in m.buffers()]
         loss, info = self.shared_step(batch, "train")
         finite = torch.isfinite(loss).float()
         finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self.trainer.world_size > 1 else finite
         if finite.item() < 1:
             # Skip on every rank together, so that DDP never waits for a gradient that will not come.
+            for buffer, saved in norm_stats:
+                buffer.copy_(saved)
             self.bad_steps += 1
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps))

@@ -83,6 +83,18 @@ def initialize(module: NestLightningModule, cfg: RunConfig) -> None:
     log.info("init_from %s: %d tensors loaded", path, len(loaded))
 
 
+def make_logger(cfg: RunConfig, exp_dir: Path):
+    """TensorBoard under exp_dir/tb by default; Weights & Biases when asked (an optional extra)."""
+    if cfg.trainer.logger == "wandb":
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+
+            return WandbLogger(project=cfg.trainer.wandb_project or "nest", save_dir=str(exp_dir))
+        except ModuleNotFoundError:
+            raise ConfigError("trainer.logger=wandb needs the wandb package: pip install '.[wandb]'") from None
+    return TensorBoardLogger(str(exp_dir), name="tb", version="")
+
+
 def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     t = cfg.trainer
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
@@ -113,7 +125,7 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
         enable_progress_bar=t.enable_progress_bar,
         sync_batchnorm=t.sync_batchnorm and on_gpu and t.strategy != "auto",  # SyncBatchNorm needs CUDA
         use_distributed_sampler=False,  # lhotse's sampler splits the data between ranks itself
-        logger=TensorBoardLogger(str(exp_dir), name="tb", version=""),
+        logger=make_logger(cfg, exp_dir),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(exp_dir),

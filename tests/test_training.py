@@ -131,3 +131,34 @@ def test_failures_before_training(tiny_corpus, tmp_path):
         train(load_config(ROOT / "configs" / "nest_tiny.yaml",
                           tiny_overrides(tiny_corpus, tmp_path, **{"data.train_cuts": f"[{empty}]"})))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_corpus, tmp_path, monkeypatch):
+    from nest import lightning
+    from nest.lightning import NonFiniteLossError
+
+    calls = {"n": 0}
+    shared = lightning.NestLightningModule.shared_step
+
+    def poisoned(self, batch, stage):
+        loss, info = shared(self, batch, stage)
+        calls["n"] += 1
+        if stage == "train" and calls["n"] > 2:
+            for m in self.model.modules():  # as a real NaN batch would, through the forward pass
+                if isinstance(m, torch.nn.BatchNorm1d):
+                    m.running_mean.fill_(float("nan"))
+            return loss * float("nan"), info
+        return loss, info
+
+    monkeypatch.setattr(lightning.NestLightningModule, "shared_step", poisoned)
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 20, "trainer.max_bad_steps": 3, "data.num_workers": 0,
+                                          "trainer.checkpoint_every_n_steps": 1, "data.val_cuts": "[]"}))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        train(cfg)
+    good = torch.load(tmp_path / "exp" / "checkpoints" / "step00000002.ckpt", weights_only=True)["state_dict"]
+    last = torch.load(tmp_path / "exp" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k, v in last.items():  # skipped steps change no weight and no normalization statistic
+        assert torch.isfinite(v.float()).all(), k
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, good[k]), k
