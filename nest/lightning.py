@@ -122,6 +122,7 @@ class NestLightningModule(pl.LightningModule):
         m["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict(m, prog_bar=False, batch_size=len(batch))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
+        self.log("audio_s/s", m["train/audio_s_per_s"], prog_bar=True, logger=False, batch_size=len(batch))
         return loss
 
     def on_train_batch_end(self, outputs, batch: AudioNoiseBatch, batch_idx: int) -> None:
