@@ -60,7 +60,7 @@ class NestDataModule(pl.LightningDataModule):
         return Bins.load(self.cfg.bins) if self.cfg.bins else None
 
     def _loader(self, sampler: EpochSampler, mixer: Optional[NoiseMixer], seed: int) -> torch.utils.data.DataLoader:
-        world, rank = self._rank()
+        _, rank = self._rank()
         return torch.utils.data.DataLoader(
             NestDataset(self.sample_rate, mixer, seed),
             sampler=sampler,
@@ -83,7 +83,9 @@ class NestDataModule(pl.LightningDataModule):
         mixer = NoiseMixer(self.cfg.noise, load_noise(self.cfg.noise_cuts, self.sample_rate, self.seed))
         return self._loader(sampler, mixer, self.seed)
 
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
+    def val_dataloader(self):
+        if not self.cfg.val_cuts:
+            return []
         world, rank = self._rank()
         cuts = CutSet.mux(*[open_cuts(s, self.seed) for s in self.cfg.val_cuts]) if len(self.cfg.val_cuts) > 1 \
             else open_cuts(self.cfg.val_cuts[0], self.seed)

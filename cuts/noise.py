@@ -52,15 +52,20 @@ class NoiseMixer:
         if not 0 <= cfg.mix_rate[0] <= cfg.mix_rate[1] <= 1:
             raise ValueError("data.noise.mix_rate must lie within [0, 1]")
 
+    @staticmethod
+    def _other(i: int, n: int, rng: random.Random) -> int:
+        """A uniformly drawn index in range(n) other than ``i``."""
+        j = rng.randrange(n - 1)
+        return j + (j >= i)
+
     def __call__(self, cuts: Sequence[Cut], rng: random.Random) -> list[Cut]:
         cfg = self.cfg
         out = []
         for i, cut in enumerate(cuts):
-            others = [c for j, c in enumerate(cuts) if j != i]
             if rng.random() >= cfg.prob:
                 out.append(cut)
                 continue
-            use_noise = rng.random() < cfg.noise_ratio or not others
+            use_noise = rng.random() < cfg.noise_ratio or len(cuts) == 1
             if use_noise and not self.noise_cuts:
                 out.append(cut)  # no noise set given: noise mode leaves the utterance clean
                 continue
@@ -76,7 +81,7 @@ class NoiseMixer:
             mixed, t = cut, 0.0
             for gap, dur in zip(gaps, seg_durs):
                 t += gap
-                source = rng.choice(self.noise_cuts) if use_noise else rng.choice(others)
+                source = rng.choice(self.noise_cuts) if use_noise else cuts[self._other(i, len(cuts), rng)]
                 offset = t
                 for piece in pieces_from(source, dur, rng):
                     mixed = mixed.mix(piece, offset_other_by=offset, snr=snr, preserve_id="left")

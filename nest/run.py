@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from cuts.bins import Bins
 from cuts.datamodule import NestDataModule
 from cuts.sampler import open_cuts
-from nest.checkpoint import load_model, load_nemo, load_weights, safe_torch_load
+from nest.checkpoint import load_model, load_nemo, load_weights
 from nest.config import ConfigError, RunConfig, to_yaml
 from nest.lightning import NestLightningModule, make_module
 
@@ -151,7 +151,3 @@ def train(cfg: RunConfig) -> dict:
         (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-
-def peek_checkpoint(path: str) -> dict:
-    """The plain-data parts of a Lightning checkpoint of ours (for tools and tests)."""
-    return safe_torch_load(path, path)
