@@ -12,7 +12,7 @@ from lhotse import CutSet
 
 from cuts.bins import Bins
 from cuts.config import DataConfig
-from cuts.dataset import NestDataset
+from cuts.dataset import NestDataset, at_rate
 from cuts.noise import NoiseMixer
 from cuts.sampler import EpochSampler, build_sampler, combine_cuts, open_cuts
 
@@ -23,7 +23,7 @@ def load_noise(sources: list[str], sample_rate: int, seed: int) -> list:
     """Noise cuts held in memory for random access, resampled (lazily) to the model's rate."""
     noise = []
     for s in sources:
-        noise.extend(c if c.sampling_rate == sample_rate else c.resample(sample_rate) for c in open_cuts(s, seed))
+        noise.extend(at_rate(c, sample_rate) for c in open_cuts(s, seed))
     if sources and not noise:
         raise ValueError(f"data.noise_cuts {sources} hold no cuts")
     return noise

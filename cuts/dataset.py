@@ -52,20 +52,29 @@ def batch_seed(seed: int, item: SamplerItem) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
+def at_rate(cut: Cut, sample_rate: int) -> Cut:
+    """``cut`` resampled (lazily, on load) to ``sample_rate`` when it is at another rate."""
+    return cut if cut.sampling_rate == sample_rate else cut.resample(sample_rate)
+
+
 def load_mono(cut: Cut) -> np.ndarray:
     """(num_samples,) float32; several channels are averaged."""
     audio = cut.load_audio()
     return (audio.mean(0) if audio.ndim == 2 else audio).astype(np.float32)
 
 
-def snr_gain(reference: np.ndarray, added: np.ndarray, snr: Optional[float]) -> float:
-    """Gain making mean power of ``reference`` over that of ``added`` equal ``snr`` dB; 1 when either is silent."""
+def mean_power(x: np.ndarray) -> float:
+    return float(np.mean(x.astype(np.float64) ** 2))
+
+
+def snr_gain(reference_power: float, added: np.ndarray, snr: Optional[float]) -> float:
+    """Gain making ``reference_power`` over the mean power of ``added`` equal ``snr`` dB; 1 when either is silent."""
     if snr is None:
         return 1.0
-    ref, add = float(np.mean(reference.astype(np.float64) ** 2)), float(np.mean(added.astype(np.float64) ** 2))
-    if ref <= 0 or add <= 0:
+    add = mean_power(added)
+    if reference_power <= 0 or add <= 0:
         return 1.0
-    return float(np.sqrt(ref * 10 ** (-snr / 10) / add))
+    return float(np.sqrt(reference_power * 10 ** (-snr / 10) / add))
 
 
 def load_clean_and_noise(cut: Cut) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +86,7 @@ def load_clean_and_noise(cut: Cut) -> tuple[np.ndarray, np.ndarray]:
     clean = load_mono(first.cut)
     noise = np.zeros_like(clean)
     sr = first.cut.sampling_rate
+    reference = mean_power(clean)  # once per utterance, whatever the number of pieces
     for track in rest:
         try:
             piece = load_mono(track.cut)
@@ -85,7 +95,7 @@ def load_clean_and_noise(cut: Cut) -> tuple[np.ndarray, np.ndarray]:
             continue
         start = int(round(track.offset * sr))
         piece = piece[: max(0, len(noise) - start)]
-        noise[start : start + len(piece)] += snr_gain(clean, piece, track.snr) * piece
+        noise[start : start + len(piece)] += snr_gain(reference, piece, track.snr) * piece
     return clean, noise
 
 
@@ -103,7 +113,7 @@ class NestDataset(torch.utils.data.Dataset):
         self.seed = seed
 
     def __getitem__(self, item: SamplerItem) -> AudioNoiseBatch:
-        cuts = [c if c.sampling_rate == self.sample_rate else c.resample(self.sample_rate) for c in item.cuts]
+        cuts = [at_rate(c, self.sample_rate) for c in item.cuts]
         if self.mixer is not None:
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
         loaded, ids, failed = [], [], 0

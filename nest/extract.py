@@ -21,7 +21,7 @@ from lhotse.features.io import NumpyFilesWriter
 from torch import nn
 from tqdm import tqdm
 
-from cuts.dataset import load_mono
+from cuts.dataset import at_rate, load_mono
 from nest.checkpoint import load_model
 from nest.model import NestModel
 
@@ -82,7 +82,7 @@ def extract(
 
     def flush():
         nonlocal done
-        audio_list = [torch.from_numpy(load_mono(c if c.sampling_rate == sr else c.resample(sr))) for c in batch]
+        audio_list = [torch.from_numpy(load_mono(at_rate(c, sr))) for c in batch]
         lens = torch.tensor([len(a) for a in audio_list])
         audio = torch.nn.utils.rnn.pad_sequence(audio_list, batch_first=True).to(device)
         _, enc_lens, hidden = model.encode(audio, lens.to(device), return_layers=True)
