@@ -159,6 +159,8 @@ def open_cuts(path: str | Path) -> CutSet:
     if not path.is_file():
         raise FeatureError(f"CUTS {path}: no such file; give a cuts.jsonl.gz made by prepare.py")
     cuts = load_manifest_lazy(path)
+    if cuts is None:  # Lhotse tells the manifest type from its first line
+        raise FeatureError(f"CUTS {path} holds no cuts; prepare a set first (prepare.py audio-dir ...)")
     if not isinstance(cuts, CutSet):
         raise FeatureError(f"CUTS {path}: not a CutSet manifest (got {type(cuts).__name__})")
     return cuts
