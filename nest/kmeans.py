@@ -51,8 +51,10 @@ class KMeansOptions:
     reassignment_ratio: float = 0.0
 
 
-def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int, options: KMeansOptions = KMeansOptions()) -> np.ndarray:
-    """Centroids (K, D) float32 of ``x`` (N, D) by k-means++ initialised mini-batch k-means."""
+def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int,
+               options: KMeansOptions = KMeansOptions()) -> tuple[np.ndarray, dict]:
+    """Centroids (K, D) float32 of ``x`` (N, D) by k-means++ initialised mini-batch k-means, and how
+    long it ran (mini-batch steps, passes over the data)."""
     from sklearn.cluster import MiniBatchKMeans
 
     if len(x) < n_clusters:
@@ -61,7 +63,7 @@ def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int, options: KMeansOptions
     km = MiniBatchKMeans(n_clusters=n_clusters, init="k-means++", init_size=None, compute_labels=False,
                          random_state=seed, **asdict(options))
     km.fit(x)
-    return km.cluster_centers_.astype(np.float32)
+    return km.cluster_centers_.astype(np.float32), {"steps": int(km.n_steps_), "passes": float(km.n_iter_)}
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +226,9 @@ def run_kmeans(
         x = np.concatenate(parts)  # (N, D)
         del parts
         log.info("fitting %d clusters on %d frames x %d dims", clusters, *x.shape)
-        centroids = torch.from_numpy(fit_kmeans(x, clusters, seed, options))
-        fit = {"seed": seed, "sample_fraction": sample_fraction, "sample_frames": len(x),
+        found, progress = fit_kmeans(x, clusters, seed, options)
+        centroids = torch.from_numpy(found)
+        fit = {"seed": seed, "sample_fraction": sample_fraction, "sample_frames": len(x), **progress,
                "sample_inertia": float(assign(torch.from_numpy(x), centroids)[1].double().mean()),
                "options": asdict(options)}
         del x

@@ -83,15 +83,61 @@ def num_tokens(num_samples: int, window_stride: float, sample_rate: int, subsamp
     return max(frames, 0)
 
 
+class KaldiMfcc:
+    """torchaudio.compliance.kaldi.mfcc(use_energy=False) with its defaults (25 ms povey windows every
+    10 ms, snip_edges, DC removal, pre-emphasis 0.97, 23 mel bins from 20 Hz, 13 ceps, lifter 22), with
+    the window, mel banks and DCT built once instead of per call and no unused energy column: the same
+    numbers within float32 rounding, about twice as fast on short utterances."""
+
+    NUM_MEL_BINS, NUM_CEPS, LIFTER, PREEMPH = 23, 13, 22.0, 0.97
+
+    def __init__(self, sample_rate: int):
+        self.window_size = int(sample_rate * KALDI_WINDOW)
+        self.shift = int(sample_rate * KALDI_SHIFT)
+        self.padded = 1 << (self.window_size - 1).bit_length()
+        self.window = torch.hann_window(self.window_size, periodic=False).pow(0.85)  # povey
+        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(self.NUM_MEL_BINS, self.padded, float(sample_rate),
+                                                             20.0, 0.0, 100.0, -500.0, 1.0)
+        self.banks = torch.nn.functional.pad(banks, (0, 1)).T.contiguous()  # (padded // 2 + 1, mel)
+        dct = torchaudio.functional.create_dct(self.NUM_MEL_BINS, self.NUM_MEL_BINS, "ortho")
+        dct[:, 0] = (1.0 / self.NUM_MEL_BINS) ** 0.5  # Kaldi's C0 scale
+        i = torch.arange(self.NUM_CEPS)
+        lifter = 1.0 + 0.5 * self.LIFTER * torch.sin(torch.pi * i / self.LIFTER)
+        self.dct = (dct[:, : self.NUM_CEPS] * lifter).contiguous()  # (mel, ceps), liftered
+        self.eps = torch.finfo(torch.float32).eps
+
+    def __call__(self, audio: torch.Tensor) -> torch.Tensor:
+        """(S,) float32 -> (frames, 13); no frame when shorter than one window."""
+        if audio.shape[0] < self.window_size:
+            return torch.zeros(0, self.NUM_CEPS)
+        frames = audio.unfold(0, self.window_size, self.shift)  # (m, window) view
+        frames = frames - frames.mean(1, keepdim=True)
+        buf = torch.zeros(frames.shape[0], self.padded)  # zero-padded FFT input
+        torch.sub(frames[:, 1:], frames[:, :-1], alpha=self.PREEMPH, out=buf[:, 1: self.window_size])
+        buf[:, 0] = frames[:, 0] * (1.0 - self.PREEMPH)  # Kaldi pre-emphasises the first sample by itself
+        buf[:, : self.window_size] *= self.window
+        power = torch.view_as_real(torch.fft.rfft(buf)).pow(2).sum(-1)  # (m, padded // 2 + 1)
+        return (power @ self.banks).clamp_min(self.eps).log() @ self.dct
+
+
+def deltas(x: torch.Tensor) -> torch.Tensor:
+    """(frames, D) -> deltas over a 5-frame window with repeated edges (torchaudio's compute_deltas)."""
+    p = torch.cat([x[:1], x[:1], x, x[-1:], x[-1:]])
+    return (2.0 * (p[4:] - p[:-4]) + (p[3:-1] - p[1:-3])) / 10.0
+
+
+_MFCC: dict[int, KaldiMfcc] = {}
+
+
 def mfcc(audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """(S,) float audio in [-1, 1] -> (frames, 39): fairseq's HuBERT MFCC with deltas and delta-deltas."""
-    x = audio.float().reshape(1, -1)
-    if x.shape[1] < round(KALDI_WINDOW * sample_rate):
-        return torch.zeros(0, MFCC_DIM)  # shorter than one Kaldi window: no frame
-    m = torchaudio.compliance.kaldi.mfcc(x, sample_frequency=sample_rate, use_energy=False).T  # (13, frames)
-    d = torchaudio.functional.compute_deltas(m)
-    dd = torchaudio.functional.compute_deltas(d)
-    return torch.cat([m, d, dd], dim=0).T.contiguous()  # (frames, 39)
+    if sample_rate not in _MFCC:
+        _MFCC[sample_rate] = KaldiMfcc(sample_rate)
+    m = _MFCC[sample_rate](audio.float().reshape(-1))  # (frames, 13)
+    if len(m) == 0:
+        return torch.zeros(0, MFCC_DIM)
+    d = deltas(m)
+    return torch.cat([m, d, deltas(d)], dim=1)  # (frames, 39)
 
 
 def mfcc_labels_to_tokens(frame_labels: np.ndarray, num_samples: int, recipe: FeatureRecipe) -> np.ndarray:
