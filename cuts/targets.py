@@ -6,6 +6,7 @@ the cut (80 ms each), R = labels per token (8 for 10 ms MFCC labels, 1 for encod
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -37,13 +38,25 @@ def load_targets(cut: Cut) -> np.ndarray:
     return np.asarray(arr, dtype=np.int64).reshape(arr.shape[0], -1)
 
 
-def num_classes(cut: Cut) -> int:
-    """The number of k-means clusters that ``cut``'s labels come from (``targets_num_classes``)."""
+@dataclass(frozen=True)
+class TargetsSpec:
+    """What a labelled cut's targets need from the model, read from the manifest alone."""
+
+    num_classes: int  # k-means clusters: model.quantizer.num_classes
+    labels_per_token: int  # R: model.quantizer.num_books
+    token_shift: float  # seconds per token: subsampling_factor x window_stride
+
+
+def targets_spec(cut: Cut) -> TargetsSpec:
+    """The targets' layout of ``cut`` without reading any array (no HDF5 file opened in this process)."""
     labelled = _labelled_cut(cut)
-    value = (labelled.custom or {}).get("targets_num_classes")
-    if value is None:
-        raise KeyError(f"cut {cut.id!r} has no 'targets_num_classes': label its CutSet with prepare.py kmeans")
-    return int(value)
+    custom = labelled.custom or {}
+    if "targets" not in custom or "targets_num_classes" not in custom:
+        raise KeyError(f"cut {cut.id!r} has no 'targets'/'targets_num_classes': label its CutSet first "
+                       "(prepare.py kmeans CUTS OUT_DIR ...) and train on OUT_DIR/cuts.jsonl.gz")
+    shape = custom["targets"].shape
+    return TargetsSpec(int(custom["targets_num_classes"]), int(shape[1]) if len(shape) > 1 else 1,
+                       float(custom["targets"].frame_shift))
 
 
 def collate_targets(targets: Sequence[np.ndarray]) -> torch.Tensor:

@@ -10,7 +10,7 @@ from lhotse import CutSet
 
 from cuts.dataset import at_rate, load_mono
 from cuts.prepare import prepare_audio_dir
-from cuts.targets import collate_targets, load_targets, num_classes
+from cuts.targets import TargetsSpec, collate_targets, load_targets, targets_spec
 from nest.checkpoint import load_model, save_model
 from nest.config import load_config
 from nest.kmeans import KMeansOptions, assign, fit_kmeans, main, run_kmeans
@@ -141,7 +141,7 @@ def test_labels_have_one_row_per_token_the_model_makes(real_cuts, tmp_path):
         assert targets.shape[0] == num_tokens(audio.shape[1], 0.01, 16000, 8)
         assert targets.dtype == np.int64 and targets.min() >= -1 and targets.max() < 8
         assert (targets[1:-1] >= 0).all()  # only the first and the last token have unlabelled positions
-        assert num_classes(cut) == 8 and cut.custom["targets"].frame_shift == pytest.approx(0.08)
+        assert targets_spec(cut) == TargetsSpec(num_classes=8, labels_per_token=8, token_shift=0.08)
 
 
 def test_kmeans_recovers_planted_clusters():
@@ -205,6 +205,7 @@ def test_encoder_layer_of_a_checkpoint_as_feature_source(few_cuts, tmp_path, sou
     summary = run_kmeans(few_cuts, tmp_path / "out", features="encoder", checkpoint=str(ckpt), layer=0,
                          clusters=5, sample_fraction=1.0, options=SMALL)
     assert summary["features"] == "encoder" and summary["layer"] == 0 and summary["labels_per_token"] == 1
+    assert summary["fit"]["steps"] > 0
     model = load_model(ckpt)
     centroids = torch.load(tmp_path / "out" / "kmeans.pt", weights_only=True)["centroids"]
     for cut in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"):
@@ -243,3 +244,6 @@ def test_targets_through_mixed_cuts_and_collation(real_cuts, tmp_path):
     unlabelled = CutSet.from_file(real_cuts)[0]
     with pytest.raises(KeyError, match=f"cut '{unlabelled.id}' has no 'targets'"):
         load_targets(unlabelled)
+    with pytest.raises(KeyError, match=f"cut '{unlabelled.id}' has no 'targets'"):
+        targets_spec(unlabelled)
+    assert targets_spec(mixed) == targets_spec(a)
