@@ -74,6 +74,13 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
     return labels, (d_min + (x * x).sum(1)).clamp_min(0.0)
 
 
+def mean_inertia(x: np.ndarray, centroids: torch.Tensor, chunk: int = 65536) -> float:
+    """Mean squared distance of the frames ``x`` (N, D) to their nearest centroid, in chunks of frames."""
+    total = sum(float(assign(torch.from_numpy(x[i: i + chunk]), centroids)[1].double().sum())
+                for i in range(0, len(x), chunk))
+    return total / max(len(x), 1)
+
+
 def in_sample(cut_id: str, seed: int, fraction: float) -> bool:
     """Whether a cut is in the fit sample: a seeded hash of its id, the same for any order or --jobs."""
     if fraction >= 1.0:
@@ -194,12 +201,15 @@ def recipe_for_model(recipe: FeatureRecipe, checkpoint: Optional[str], model_pat
 
 
 def run_kmeans(
-    cuts_path: str | Path, out_dir: str | Path, *, features: Optional[str] = "mfcc", clusters: int = 100,
+    cuts_path: str | Path, out_dir: str | Path, *, features: Optional[str] = "mfcc", clusters: Optional[int] = None,
     sample_fraction: float = 0.1, jobs: int = 1, checkpoint: Optional[str] = None, layer: Optional[int] = None,
     model_path: Optional[str] = None, seed: int = 0, device: str = "cpu", config: Optional[str] = None,
     options: KMeansOptions = KMeansOptions(),
 ) -> dict:
-    """Fit (or load with ``model_path``) k-means, label every cut, write OUT_DIR; returns the summary."""
+    """Fit (or load with ``model_path``) k-means, label every cut, write OUT_DIR; returns the summary.
+
+    ``clusters`` defaults to 100 for a fit and to the fit's own with ``model_path``.
+    """
     cuts_path, out_dir = Path(cuts_path), Path(out_dir)
     cuts = open_cuts(cuts_path)
     if next(iter(cuts), None) is None:
@@ -208,6 +218,9 @@ def run_kmeans(
         centroids, recipe, fit = load_kmeans(model_path)
         if features and features != recipe.kind:
             raise FeatureError(f"--features {features} but --model {model_path} was fit on {recipe.kind} features")
+        if clusters is not None and clusters != len(centroids):
+            raise FeatureError(f"--clusters {clusters} but --model {model_path} has {len(centroids)}: "
+                               "leave --clusters out")
         recipe = recipe_for_model(recipe, checkpoint, model_path)
         fit = {**fit, "model": str(model_path)}
     else:
@@ -225,11 +238,11 @@ def run_kmeans(
                                f"(now {sample_fraction}) or check rejected audio")
         x = np.concatenate(parts)  # (N, D)
         del parts
-        log.info("fitting %d clusters on %d frames x %d dims", clusters, *x.shape)
-        found, progress = fit_kmeans(x, clusters, seed, options)
+        log.info("fitting %d clusters on %d frames x %d dims", clusters or 100, *x.shape)
+        found, progress = fit_kmeans(x, clusters or 100, seed, options)
         centroids = torch.from_numpy(found)
         fit = {"seed": seed, "sample_fraction": sample_fraction, "sample_frames": len(x), **progress,
-               "sample_inertia": float(assign(torch.from_numpy(x), centroids)[1].double().mean()),
+               "sample_inertia": mean_inertia(x, centroids),
                "options": asdict(options)}
         del x
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +309,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cuts", help="CutSet manifest (cuts.jsonl.gz)")
     p.add_argument("out", help="output folder")
     p.add_argument("--features", choices=["mfcc", "encoder"], default=None, help="default: mfcc (or --model's)")
-    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default 100)")
     p.add_argument("--sample-fraction", type=float, default=0.1, help="share of cuts whose frames the fit sees")
     p.add_argument("--jobs", type=int, default=1, help="processes computing features and labels")
     p.add_argument("--checkpoint", default=None, help="our checkpoint or a .nemo file (--features encoder)")

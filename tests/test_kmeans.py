@@ -188,6 +188,8 @@ def test_model_relabels_with_the_same_result_in_parallel(real_cuts, tmp_path):
     assert again["usage_perplexity"] == pytest.approx(first["usage_perplexity"])
     summary = json.loads((tmp_path / "relabel" / "summary.json").read_text())
     assert summary["num_cuts"] == len(a) and summary["clusters_used"] <= 6 and summary["hours"] > 0
+    with pytest.raises(FeatureError, match="--clusters 7 but --model .* has 6"):
+        run_kmeans(real_cuts, tmp_path / "x", clusters=7, model_path=str(tmp_path / "fit" / "kmeans.pt"))
     with pytest.raises(FeatureError, match="--features encoder but --model .* was fit on mfcc"):
         run_kmeans(real_cuts, tmp_path / "x", features="encoder", model_path=str(tmp_path / "fit" / "kmeans.pt"))
 
@@ -222,9 +224,11 @@ def test_corrupt_audio_is_rejected_and_listed(tmp_path, real_data):
         (src / name).write_bytes((real_data / "speech" / name).read_bytes())
     prepare_audio_dir(src, tmp_path / "set")
     (src / "spk1_snt2.wav").write_bytes(b"RIFF garbage, not audio any more")  # broken after prepare
-    summary = run_kmeans(tmp_path / "set" / "cuts.jsonl.gz", tmp_path / "out", clusters=4, sample_fraction=1.0,
-                         options=SMALL)
-    assert summary["num_cuts"] == 1 and summary["num_rejected"] == 1
+    # Through the command line, with fairseq's k-means parameters.
+    assert main([str(tmp_path / "set" / "cuts.jsonl.gz"), str(tmp_path / "out"), "--clusters", "4",
+                 "--sample-fraction", "1"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_cuts"] == 1 and summary["num_rejected"] == 1 and summary["fit"]["options"]["n_init"] == 20
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert rejected[0]["path"].endswith("spk1_snt2.wav") and rejected[0]["reason"].startswith("unreadable")
     assert [c.id for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz")] == ["spk1_snt1"]
