@@ -51,18 +51,21 @@ class KMeansOptions:
     reassignment_ratio: float = 0.0
 
 
-def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int,
-               options: KMeansOptions = KMeansOptions()) -> tuple[np.ndarray, dict]:
+def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int, options: KMeansOptions = KMeansOptions(),
+               threads: Optional[int] = None) -> tuple[np.ndarray, dict]:
     """Centroids (K, D) float32 of ``x`` (N, D) by k-means++ initialised mini-batch k-means, and how
-    long it ran (mini-batch steps, passes over the data)."""
+    long it ran (mini-batch steps, passes over the data). ``threads`` caps scikit-learn's OpenMP and
+    BLAS threads (None: all cores): on a shared machine, spinning surplus threads cost more than they give."""
     from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
     if len(x) < n_clusters:
         raise FeatureError(f"--clusters {n_clusters} needs at least {n_clusters} sampled frames but the sample has "
                            f"{len(x)}: raise --sample-fraction or use fewer clusters")
     km = MiniBatchKMeans(n_clusters=n_clusters, init="k-means++", init_size=None, compute_labels=False,
                          random_state=seed, **asdict(options))
-    km.fit(x)
+    with threadpool_limits(threads):
+        km.fit(x)
     return km.cluster_centers_.astype(np.float32), {"steps": int(km.n_steps_), "passes": float(km.n_iter_)}
 
 
@@ -239,7 +242,7 @@ def run_kmeans(
         x = np.concatenate(parts)  # (N, D)
         del parts
         log.info("fitting %d clusters on %d frames x %d dims", clusters or 100, *x.shape)
-        found, progress = fit_kmeans(x, clusters or 100, seed, options)
+        found, progress = fit_kmeans(x, clusters or 100, seed, options, threads=jobs)
         centroids = torch.from_numpy(found)
         fit = {"seed": seed, "sample_fraction": sample_fraction, "sample_frames": len(x), **progress,
                "sample_inertia": mean_inertia(x, centroids),
@@ -311,7 +314,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", choices=["mfcc", "encoder"], default=None, help="default: mfcc (or --model's)")
     p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default 100)")
     p.add_argument("--sample-fraction", type=float, default=0.1, help="share of cuts whose frames the fit sees")
-    p.add_argument("--jobs", type=int, default=1, help="processes computing features and labels")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes computing features and labels, and threads of the k-means fit")
     p.add_argument("--checkpoint", default=None, help="our checkpoint or a .nemo file (--features encoder)")
     p.add_argument("--layer", type=int, default=None,
                    help="encoder layer from 0 (first Conformer block's output; negative from the end)")

@@ -16,8 +16,8 @@ steps=300
 clusters1=100
 clusters2=500
 layer=1                 # nest_tiny has 2 layers (0, 1); HuBERT takes layer 6 of a 12-layer model
-fraction1=0.1           # share of the cuts whose frames the fit sees
-fraction2=0.5
+fraction1=0.5           # share of the cuts whose frames the fit sees (HuBERT: 0.1 of 960 h; the demo is small)
+fraction2=1.0
 jobs=2
 extra_args=()
 source recipes/stages.sh
