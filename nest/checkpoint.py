@@ -5,12 +5,13 @@ import fnmatch
 import io
 import pickle
 import tarfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import yaml
+from torch import nn
 
 from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, PreprocessorConfig, QuantizerConfig
 from nest.model import NestModel
@@ -120,15 +121,34 @@ def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, state
 
 
-def load_weights(
-    model: NestModel, state: dict[str, torch.Tensor], name: str, include=(), exclude=(), strict: bool = True
-) -> list[str]:
-    """Copy matching tensors of ``state`` into ``model``; report unknown, missing or mis-shaped keys by name.
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did, by parameter name."""
 
-    ``include``/``exclude`` are fnmatch patterns on parameter names (e.g. ``encoder.*``). With
-    ``strict``, any missing or unknown key among the selected ones is an error; returns the loaded keys.
+    loaded: list[str]  # copied into the model
+    skipped: list[str]  # in the checkpoint, not selected by the include/exclude patterns
+
+    def __str__(self) -> str:
+        encoder = sum(k.startswith("encoder.") for k in self.loaded)
+        return f"{len(self.loaded)} tensors loaded ({encoder} of the encoder), {len(self.skipped)} not selected"
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, include=(), exclude=(), strict: bool = True
+) -> LoadReport:
+    """Copy the selected tensors of ``state`` into ``model``; unknown, missing or mis-shaped ones are errors.
+
+    ``include``/``exclude`` are fnmatch patterns on parameter names (e.g. ``encoder.*``): a pattern that matches
+    nothing is an error, and so is a selection that loads no encoder tensor. With ``strict`` every tensor of the
+    model must come from the checkpoint.
     """
     own = model.state_dict()
+    for kind, patterns in (("init_include", include), ("init_exclude", exclude)):
+        for p in patterns:
+            if not any(fnmatch.fnmatch(k, p) for k in state):
+                prefixes = sorted({k.split(".")[0] + ".*" for k in state})
+                raise CheckpointError(f"{name}: {kind} pattern {p!r} matches no tensor of the checkpoint "
+                                      f"(its tensors: {', '.join(prefixes)})")
 
     def selected(key: str) -> bool:
         inc = not include or any(fnmatch.fnmatch(key, p) for p in include)
@@ -142,18 +162,53 @@ def load_weights(
     )
     problems = []
     if unknown:
-        problems.append(f"unknown keys: {', '.join(unknown)}")
-    if missing and strict:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"tensors the model does not have: {', '.join(unknown)}")
+    if missing and (strict or include):
+        problems.append(f"tensors the checkpoint lacks: {', '.join(missing)}")
     if shape:
         problems.append(f"shape mismatch: {'; '.join(shape)}")
-    if problems and strict:
+    if problems:
         raise CheckpointError(f"{name}: " + " | ".join(problems))
-    loaded = [k for k in state if selected(k) and k in own and state[k].shape == own[k].shape]
+    report = LoadReport(loaded=[k for k in state if selected(k)], skipped=[k for k in state if not selected(k)])
+    if not any(k.startswith("encoder.") for k in report.loaded):
+        raise CheckpointError(f"{name}: the selection loads no encoder tensor ({report}); check init_include/"
+                              f"init_exclude")
     with torch.no_grad():
-        for k in loaded:
+        for k in report.loaded:
             own[k].copy_(state[k])
-    return loaded
+    return report
+
+
+# Settings that change what a tensor computes, by the parameters they concern; dropout, stochastic depth,
+# dither and masking only change training.
+_COMPUTE_KEYS = {
+    "preprocessor": ("sample_rate", "window_size", "window_stride", "features", "n_fft", "preemph",
+                     "log_zero_guard_value", "pad_to"),
+    "encoder": ("n_layers", "d_model", "n_heads", "subsampling_factor", "subsampling_conv_channels",
+                "ff_expansion_factor", "conv_kernel_size", "conv_norm_type", "xscaling", "untie_biases", "use_bias"),
+    "quantizer": ("num_classes", "num_books", "code_dim", "dist_fn"),
+}
+
+
+def config_differences(theirs: ModelConfig, ours: ModelConfig, loaded: Iterable[str]) -> list[str]:
+    """``model.x: checkpoint A, this run B`` for each setting that differs and matters to the loaded tensors."""
+    prefixes = {k.split(".")[0] for k in loaded}
+    sections = ["preprocessor", "encoder"] if prefixes & {"encoder", "preprocessor"} else []
+    if prefixes & {"quantizer", "decoder"}:
+        sections += ["preprocessor", "quantizer"]
+    out = []
+    for section in dict.fromkeys(sections):
+        a, b = getattr(theirs, section), getattr(ours, section)
+        out += [f"model.{section}.{k}: checkpoint {getattr(a, k)!r}, this run {getattr(b, k)!r}"
+                for k in _COMPUTE_KEYS[section] if getattr(a, k) != getattr(b, k)]
+    if "decoder" in prefixes and theirs.decoder_use_bias != ours.decoder_use_bias:
+        out.append(f"model.decoder_use_bias: checkpoint {theirs.decoder_use_bias}, this run {ours.decoder_use_bias}")
+    return out
+
+
+def build_model(cfg: ModelConfig) -> NestModel:
+    """The model of ``cfg``'s objective, freshly initialised."""
+    return NestModel(cfg)
 
 
 def nemo_model(path: str | Path) -> NestModel:
@@ -188,11 +243,11 @@ def model_config_from_dict(d: dict) -> ModelConfig:
         raise ConfigError(f"model config in checkpoint is not of this version: {e}") from None
 
 
-def load_model(path: str | Path) -> NestModel:
-    """A NestModel from our checkpoint (``save_model`` or a Lightning .ckpt of train.py) or a ``.nemo`` file."""
+def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Model config and state dict (our key names) of our checkpoint or a NeMo ``.nemo`` file, read as data."""
     path = Path(path)
     if path.suffix == ".nemo":
-        return nemo_model(path)
+        return load_nemo(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     ckpt = safe_torch_load(path, str(path))
@@ -203,6 +258,22 @@ def load_model(path: str | Path) -> NestModel:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     else:
         raise CheckpointError(f"{path}: neither a checkpoint of this project nor a .nemo file")
-    model = NestModel(model_config_from_dict(cfg))
+    return model_config_from_dict(cfg), state
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model configuration stored in a checkpoint of ours or a ``.nemo`` file."""
+    path = Path(path)
+    if path.suffix == ".nemo":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such .nemo file")
+        return model_config_from_nemo(_nemo_members(path)[0])
+    return load_state(path)[0]
+
+
+def load_model(path: str | Path) -> NestModel:
+    """A model from our checkpoint (``save_model`` or a Lightning .ckpt of train.py) or a ``.nemo`` file, in eval mode."""
+    cfg, state = load_state(path)
+    model = build_model(cfg)
     load_weights(model, state, str(path))
     return model.eval()

@@ -54,10 +54,9 @@ def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask:
     """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss)."""
     T = min(log_probs.shape[1], tokens.shape[1], token_mask.shape[1])
     nll = -log_probs[:, :T].gather(2, tokens[:, :T, None, :]).squeeze(2)  # (B, T', N)
-    sel = token_mask[:, :T]
-    if not sel.any():
-        return log_probs.sum() * 0.0  # nothing masked: no signal, but a finite loss in the graph
-    return nll[sel].mean()
+    w = token_mask[:, :T, None].to(nll.dtype).expand_as(nll)
+    # A weighted mean, not boolean indexing: no host sync. Nothing masked gives 0, still in the graph.
+    return (nll * w).sum() / w.sum().clamp(min=1)
 
 
 class NestModel(nn.Module):
@@ -104,6 +103,11 @@ class NestModel(nn.Module):
         return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss)
 
     @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalar tensors for logging (call on logging steps only)."""
+        return _masked_metrics(out, self.cfg.quantizer.num_classes)
+
+    @torch.no_grad()
     def encode(
         self, audio: torch.Tensor, audio_lens: torch.Tensor, return_layers: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -131,4 +135,20 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "total": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
+    }
+
+
+def _masked_metrics(out: NestOutput, num_classes: int) -> dict[str, torch.Tensor]:
+    """Masked-token accuracy, target-token perplexity (codebook use) and masked fraction of one forward pass."""
+    T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
+    w = out.token_mask[:, :T, None].float().expand(-1, -1, out.tokens.shape[-1])  # (B, T', N)
+    correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]).float()
+    flat = out.tokens.reshape(-1, out.tokens.shape[-1])  # (B*T', N)
+    counts = torch.zeros(flat.shape[1], num_classes, device=flat.device).scatter_add_(
+        1, flat.T, torch.ones_like(flat.T, dtype=torch.float32))
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return {
+        "masked_accuracy": (correct * w).sum() / w.sum().clamp(min=1),
+        "target_perplexity": torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean(),
+        "masked_fraction": out.frame_mask.float().mean(),
     }
