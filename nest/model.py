@@ -60,6 +60,15 @@ def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask:
     return nll[sel].mean()
 
 
+def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
+    weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
+    counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat, weights)
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
+
+
 class NestModel(nn.Module):
     """Denoising masked token prediction: targets from clean audio, predictions from masked noisy audio."""
 
@@ -110,6 +119,18 @@ class NestModel(nn.Module):
         """Unmasked encoder output for audio (B, S): (B, D, T'), lengths[, one (B, D, T') per layer]."""
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""
+        T = min(out.log_probs.shape[1], out.tokens.shape[1])
+        sel = out.token_mask[:, :T, None]
+        correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]) & sel  # (B, T', N)
+        valid = torch.arange(T, device=sel.device)[None] < out.encoded_lens[:, None]
+        return {
+            "masked_accuracy": correct.sum() / (sel.sum() * out.tokens.shape[-1]).clamp(min=1),
+            "target_perplexity": codebook_perplexity(out.tokens[:, :T], self.cfg.quantizer.num_classes, valid),
+        }
 
 
 def noam_lambda(d_model: int, warmup_steps: int, base_lr: float, min_lr: float):
