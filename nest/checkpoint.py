@@ -170,7 +170,7 @@ def w2vbert_config_from_nemo(nemo: dict) -> ModelConfig:
                          ("apply_softmax", [False])):
         _require(cdec, key, allowed, where + "decoder")
     for key, allowed in (("sample_from_same_utterance_only", [True]), ("sample_from_non_masked", [False]),
-                         ("reduce_ids", [False]), ("store_ids", [True])):
+                         ("reduce_ids", [False])):
         _require(closs, key, allowed, where + "loss")
     base = model_config_from_nemo(nemo)
     factor, features = base.encoder.subsampling_factor, base.preprocessor.features
@@ -211,10 +211,12 @@ def w2vbert_config_from_nemo(nemo: dict) -> ModelConfig:
         _target(mdec, "ConvASRDecoder", where + "decoder")
         _target(mloss, "MLMLoss", where + "loss")
         _require(m, "targets_from_loss", ["contrastive"], "loss_list.mlm")
+        _require(closs, "store_ids", [True], "loss_list.contrastive.loss")
         _require(mdec, "add_blank", [True], where + "decoder")
         _require(mdec, "vocabulary", [None], where + "decoder")
-        classes = w.codebook_size**w.num_groups
-        _require(mdec, "num_classes", [classes], where + "decoder")
+        _require(mdec, "num_classes", [w.codebook_size**w.num_groups], where + "decoder")
+        # Absent keys take MLMLoss's defaults, which must agree with the contrastive loss's steps too.
+        mloss = {"combine_time_steps": 1, "mask_threshold": 0.8, **mloss}
         _require(mloss, "combine_time_steps", [factor], where + "loss")
         _require(mloss, "mask_threshold", [w.mask_threshold], where + "loss")
         w = replace(w, mlm_alpha=float(m.get("loss_alpha", 1.0)), mlm_start_step=int(m.get("start_step", 0)))

@@ -35,7 +35,7 @@ from nest.w2vbert_loss import (
 class W2vBertOutput:
     """What one forward pass gives; T' = frames / subsampling_factor, P = decoder_out, K = num_negatives."""
 
-    loss: torch.Tensor  # scalar: contrastive_alpha * contrastive_loss + mlm_alpha * mlm_loss
+    loss: torch.Tensor  # scalar: contrastive_alpha * contrastive_loss + mlm_alpha * mlm_loss (from mlm_start_step)
     encoded_lens: torch.Tensor  # (B,)
     contrastive_loss: torch.Tensor  # scalar, unweighted, the diversity penalty included (as NeMo)
     mlm_loss: torch.Tensor  # scalar, unweighted; 0 with mlm off

@@ -205,6 +205,21 @@ def test_targets_come_from_clean_audio_and_mlm_start_step():
         assert torch.allclose(c.loss, c.contrastive_loss + 1000.0 * c.mlm_loss)
 
 
+def test_bf16_autocast_keeps_targets_float32():
+    torch.manual_seed(0)
+    model = W2vBertModel(tiny_config()).eval()
+    audio, lens = torch.randn(2, 16000) * 0.1, torch.tensor([16000, 13000])
+    masks = model(audio, lens, audio, lens)
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same negatives in both
+        ref = model(audio, lens, audio, lens, frame_mask=masks.frame_mask, freq_mask=masks.freq_mask)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = model(audio, lens, audio, lens, frame_mask=masks.frame_mask, freq_mask=masks.freq_mask)
+    assert torch.equal(bf.target_ids, ref.target_ids) and bf.logits.dtype == torch.float32
+    assert abs(bf.loss.item() - ref.loss.item()) < 0.05 * ref.loss.item()
+
+
 def test_linear_targets_variant_trains():
     """quantized_targets=false (NeMo's YAML as shipped): a linear target projection, no MLM."""
     model = W2vBertModel(tiny_config(quantized_targets=False, mlm=False)).train()
