@@ -120,6 +120,9 @@ class NestModel(nn.Module):
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
 
+    def set_num_updates(self, step: int) -> None:
+        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
+
     @torch.no_grad()
     def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
         """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""

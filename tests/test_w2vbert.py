@@ -247,3 +247,20 @@ def test_loss_goes_down_on_real_speech(real_data):
         opt.step()
         losses.append((out.loss.item(), out.mlm_loss.item()))
     assert losses[-1][0] < 0.8 * losses[0][0] and losses[-1][1] < losses[0][1], losses
+
+
+def test_nest_model_has_the_same_logging_interface():
+    from nest.model import NestModel
+    from tests.test_model import tiny_config as nest_config
+
+    torch.manual_seed(0)
+    model = NestModel(nest_config())
+    model.set_num_updates(5)
+    audio, lens = torch.randn(2, 16000) * 0.1, torch.tensor([16000, 12000])
+    out = model(audio, lens, audio, lens)
+    metrics = model.metrics(out)
+    assert set(metrics) == {"masked_accuracy", "target_perplexity"}
+    sel = out.token_mask[:, : out.log_probs.shape[1]]
+    expected = (out.log_probs.argmax(2) == out.tokens[:, : out.log_probs.shape[1]])[sel].float().mean()
+    assert torch.allclose(metrics["masked_accuracy"], expected)
+    assert 1.0 <= metrics["target_perplexity"] <= 32.0
