@@ -5,7 +5,7 @@ import fnmatch
 import io
 import pickle
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,8 +13,18 @@ import torch
 import yaml
 from torch import nn
 
-from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, PreprocessorConfig, QuantizerConfig
+from nest.config import (
+    ConfigError,
+    EncoderConfig,
+    MaskingConfig,
+    ModelConfig,
+    PreprocessorConfig,
+    QuantizerConfig,
+    W2vBertConfig,
+    validate_w2vbert,
+)
 from nest.model import NestModel
+from nest.w2vbert import W2vBertModel
 
 # Buffers that NeMo stores and we derive from the config.
 DERIVED_NEMO_KEYS = ("preprocessor.featurizer.window", "preprocessor.featurizer.fb")
@@ -110,15 +120,142 @@ def model_config_from_nemo(nemo: dict) -> ModelConfig:
     )
 
 
+# NeMo's SpeechEncDecSelfSupervisedModel names -> ours (W2vBertModel); encoder keys are the same.
+W2VBERT_NEMO_PREFIXES = {
+    "decoder_losses.contrastive.decoder.": "contrastive_decoder.",
+    "decoder_losses.contrastive.loss.quantizer.": "quantizer.",
+    "decoder_losses.contrastive.loss.target_proj.": "target_proj.",
+    "decoder_losses.mlm.decoder.": "mlm_decoder.",
+}
+
+
+def _target(section: dict, cls: str, where: str) -> None:
+    target = str(section.get("_target_", cls))
+    if target.rsplit(".", 1)[-1] != cls:
+        raise CheckpointError(f"{where}._target_={target!r} is not supported here (only {cls})")
+
+
+def _loss_entry(losses: dict, name: str) -> dict:
+    """One entry of NeMo's loss_list, refusing the options we do not implement."""
+    entry = losses[name]
+    for key, allowed in (("output_from_layer", [None]), ("transpose_encoded", [False])):
+        _require(entry, key, allowed, f"loss_list.{name}")
+    if name == "contrastive":
+        _require(entry, "start_step", [0], "loss_list.contrastive")
+    return entry
+
+
+def w2vbert_config_from_nemo(nemo: dict) -> ModelConfig:
+    """Map a NeMo SpeechEncDecSelfSupervisedModel config onto ours, refusing what we do not implement.
+
+    Preprocessor and encoder map as NEST's; absent keys take the defaults of NeMo's classes.
+    """
+    losses = nemo.get("loss_list") or {}
+    if not losses:
+        raise CheckpointError("model: SpeechEncDecSelfSupervisedModel without loss_list (one decoder_ssl and "
+                              "loss) is not supported; only loss_list with contrastive [+ mlm]")
+    active = [k for k, v in losses.items() if v.get("is_active", True)]
+    if "contrastive" not in active or set(active) - {"contrastive", "mlm"}:
+        raise CheckpointError(f"loss_list: active losses {active} are not supported (contrastive, optionally mlm)")
+    for key in ("dropout_features", "dropout_features_q", "feature_penalty"):
+        if nemo.get(key):
+            raise CheckpointError(f"model.{key}={nemo[key]!r} is not supported here")
+    spec = nemo.get("spec_augment") or {}
+    _target(spec, "MaskedPatchAugmentation", "spec_augment")
+    c = _loss_entry(losses, "contrastive")
+    cdec, closs = c.get("decoder", {}), c.get("loss", {})
+    _target(cdec, "ConvASRDecoderReconstruction", "loss_list.contrastive.decoder")
+    _target(closs, "ContrastiveLoss", "loss_list.contrastive.loss")
+    where = "loss_list.contrastive."
+    for key, allowed in (("stride_layers", [0]), ("non_stride_layers", [0]), ("activation", ["relu"]),
+                         ("apply_softmax", [False])):
+        _require(cdec, key, allowed, where + "decoder")
+    for key, allowed in (("sample_from_same_utterance_only", [True]), ("sample_from_non_masked", [False]),
+                         ("reduce_ids", [False])):
+        _require(closs, key, allowed, where + "loss")
+    base = model_config_from_nemo(nemo)
+    factor, features = base.encoder.subsampling_factor, base.preprocessor.features
+    proj_dim = int(closs.get("proj_dim", 128))
+    sizes = {"decoder.feat_hidden": cdec.get("feat_hidden", proj_dim), "decoder.feat_out": cdec.get("feat_out", proj_dim)}
+    for key, value in sizes.items():
+        if int(value) != proj_dim:
+            raise CheckpointError(f"{where}{key}={value} must equal loss.proj_dim={proj_dim} here")
+    if int(closs.get("in_dim", features)) != features or int(closs.get("combine_time_steps", 1)) != factor:
+        raise CheckpointError(f"{where}loss: in_dim must be preprocessor.features={features} and "
+                              f"combine_time_steps the subsampling factor {factor}")
+    mlm = "mlm" in active
+    w = W2vBertConfig(
+        patch_size=int(spec.get("patch_size", 48)),
+        mask_patches=float(spec.get("mask_patches", 10.0)),
+        freq_masks=int(spec.get("freq_masks", 0)),
+        freq_width=int(spec.get("freq_width", 0)),
+        decoder_out=proj_dim,
+        quantized_targets=bool(closs.get("quantized_targets", False)),
+        codebook_size=int(closs.get("codebook_size", 320)),
+        num_groups=int(closs.get("num_groups", 2)),
+        num_negatives=int(closs.get("num_negatives", 100)),
+        logit_temp=float(closs.get("logit_temp", 0.1)),
+        prob_ppl_weight=float(closs.get("prob_ppl_weight", 0.1)),
+        reduce=str(closs.get("reduce", "sum")),
+        multiplier=float(closs.get("multiplier", 16.0)),
+        quantizer_temp_start=float(closs.get("quantizer_temp_start", 2.0)),
+        quantizer_temp_min=float(closs.get("quantizer_temp_min", 0.5)),
+        quantizer_temp_decay=float(closs.get("quantizer_temp_decay", 0.999995)),
+        mask_threshold=float(closs.get("mask_threshold", 0.8)),
+        contrastive_alpha=float(c.get("loss_alpha", 1.0)),
+        mlm=mlm,
+    )
+    if mlm:
+        m = _loss_entry(losses, "mlm")
+        mdec, mloss = m.get("decoder", {}), m.get("loss", {})
+        where = "loss_list.mlm."
+        _target(mdec, "ConvASRDecoder", where + "decoder")
+        _target(mloss, "MLMLoss", where + "loss")
+        _require(m, "targets_from_loss", ["contrastive"], "loss_list.mlm")
+        _require(closs, "store_ids", [True], "loss_list.contrastive.loss")
+        _require(mdec, "add_blank", [True], where + "decoder")
+        _require(mdec, "vocabulary", [None], where + "decoder")
+        _require(mdec, "num_classes", [w.codebook_size**w.num_groups], where + "decoder")
+        # Absent keys take MLMLoss's defaults, which must agree with the contrastive loss's steps too.
+        mloss = {"combine_time_steps": 1, "mask_threshold": 0.8, **mloss}
+        _require(mloss, "combine_time_steps", [factor], where + "loss")
+        _require(mloss, "mask_threshold", [w.mask_threshold], where + "loss")
+        w = replace(w, mlm_alpha=float(m.get("loss_alpha", 1.0)), mlm_start_step=int(m.get("start_step", 0)))
+    try:
+        validate_w2vbert(w, features)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return replace(base, objective="w2vbert", w2vbert=w)
+
+
+def is_w2vbert_nemo(nemo: dict) -> bool:
+    """Whether a NeMo model config is a SpeechEncDecSelfSupervisedModel (Wav2vec-BERT-style)."""
+    return str(nemo.get("target", "")).endswith("SpeechEncDecSelfSupervisedModel") or "loss_list" in nemo
+
+
 def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and state dict (our key names) of a NeMo NEST ``.nemo`` checkpoint."""
+    """Config and state dict (our key names) of a NeMo NEST or Wav2vec-BERT ``.nemo`` checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such .nemo file")
     nemo_cfg, weights = _nemo_members(path)
-    cfg = model_config_from_nemo(nemo_cfg)
     state = {k: v for k, v in weights.items() if k not in DERIVED_NEMO_KEYS}
-    return cfg, state
+    if not is_w2vbert_nemo(nemo_cfg):
+        return model_config_from_nemo(nemo_cfg), state
+    try:
+        cfg = w2vbert_config_from_nemo(nemo_cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in W2VBERT_NEMO_PREFIXES if key.startswith(p)), None)
+        renamed[W2VBERT_NEMO_PREFIXES[prefix] + key[len(prefix):] if prefix else key] = value
+    return cfg, renamed
+
+
+def build_model(cfg: ModelConfig) -> NestModel | W2vBertModel:
+    """The model of ``cfg.objective``."""
+    return W2vBertModel(cfg) if cfg.objective == "w2vbert" else NestModel(cfg)
 
 
 @dataclass
@@ -206,20 +343,15 @@ def config_differences(theirs: ModelConfig, ours: ModelConfig, loaded: Iterable[
     return out
 
 
-def build_model(cfg: ModelConfig) -> NestModel:
-    """The model of ``cfg``'s objective, freshly initialised."""
-    return NestModel(cfg)
-
-
-def nemo_model(path: str | Path) -> NestModel:
-    """A NestModel built and loaded from a NeMo ``.nemo`` file, in eval mode."""
+def nemo_model(path: str | Path) -> NestModel | W2vBertModel:
+    """A NestModel or W2vBertModel built and loaded from a NeMo ``.nemo`` file, in eval mode."""
     cfg, state = load_nemo(path)
-    model = NestModel(cfg)
+    model = build_model(cfg)
     load_weights(model, state, str(path))
     return model.eval()
 
 
-def save_model(model: NestModel, path: str | Path) -> None:
+def save_model(model: NestModel | W2vBertModel, path: str | Path) -> None:
     """Our standalone checkpoint: the model config as plain data and the state dict."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -238,6 +370,9 @@ def model_config_from_dict(d: dict) -> ModelConfig:
             encoder=EncoderConfig(**d["encoder"]),
             decoder_use_bias=d["decoder_use_bias"],
             mask_threshold=d["mask_threshold"],
+            # Checkpoints older than the w2vbert objective are NEST's.
+            objective=d.get("objective", "nest"),
+            w2vbert=W2vBertConfig(**d.get("w2vbert", {})),
         )
     except (KeyError, TypeError) as e:
         raise ConfigError(f"model config in checkpoint is not of this version: {e}") from None
@@ -267,7 +402,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if path.suffix == ".nemo":
         if not path.is_file():
             raise CheckpointError(f"{path}: no such .nemo file")
-        return model_config_from_nemo(_nemo_members(path)[0])
+        nemo = _nemo_members(path)[0]
+        return w2vbert_config_from_nemo(nemo) if is_w2vbert_nemo(nemo) else model_config_from_nemo(nemo)
     return load_state(path)[0]
 
 

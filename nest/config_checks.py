@@ -6,7 +6,7 @@ import math
 import typing
 from typing import Any, Callable, Iterable
 
-from nest.config import ConfigError, RunConfig
+from nest.config import ConfigError, RunConfig, validate_w2vbert
 
 # Lightning's precision values, and why this project refuses some of them.
 SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed", "bf16", "16-mixed", "16")
@@ -95,6 +95,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.encoder.conv_norm_type", enc.conv_norm_type, ("batch_norm", "layer_norm"))
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
+    _choice("model.objective", cfg.model.objective, ("nest", "w2vbert"))
+    validate_w2vbert(cfg.model.w2vbert, cfg.model.preprocessor.features)
     if enc.conv_kernel_size % 2 == 0:
         raise ConfigError(f"model.encoder.conv_kernel_size={enc.conv_kernel_size} must be odd")
     _choice("trainer.logger", t.logger, ("tensorboard", "wandb"))

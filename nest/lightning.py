@@ -88,6 +88,11 @@ class _Window:
     started: float = field(default_factory=time.perf_counter)
 
 
+def norm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Running statistics of every BatchNorm kind in ``model`` (BatchNorm1d, SyncBatchNorm, ...)."""
+    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+
+
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
@@ -124,7 +129,7 @@ class NestLightningModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
-        self._norm_buffers = [b for m in self.model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        self._norm_buffers = norm_buffers(self.model)
         self._window = _Window()
 
     def _device_state(self) -> dict[str, torch.Tensor]:
@@ -148,6 +153,7 @@ class NestLightningModule(pl.LightningModule):
 
     def training_step(self, batch: AudioNoiseBatch, batch_idx: int) -> None:
         s = self._device_state()
+        self.model.set_num_updates(self.global_step)  # w2vbert's Gumbel temperature follows the step
         A = self.step_cfg.accumulate_grad_batches
         self._micro += 1
         last = self._micro == A

@@ -59,6 +59,15 @@ def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask:
     return (nll * w).sum() / w.sum().clamp(min=1)
 
 
+def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
+    weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
+    counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat, weights)
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
+
+
 class NestModel(nn.Module):
     """Denoising masked token prediction: targets from clean audio, predictions from masked noisy audio."""
 
@@ -103,17 +112,28 @@ class NestModel(nn.Module):
         return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss)
 
     @torch.no_grad()
-    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
-        """Scalar tensors for logging (call on logging steps only)."""
-        return _masked_metrics(out, self.cfg.quantizer.num_classes)
-
-    @torch.no_grad()
     def encode(
         self, audio: torch.Tensor, audio_lens: torch.Tensor, return_layers: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Unmasked encoder output for audio (B, S): (B, D, T'), lengths[, one (B, D, T') per layer]."""
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
+
+    def set_num_updates(self, step: int) -> None:
+        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""
+        T = min(out.log_probs.shape[1], out.tokens.shape[1])
+        sel = out.token_mask[:, :T, None]
+        correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]) & sel  # (B, T', N)
+        valid = torch.arange(T, device=sel.device)[None] < out.encoded_lens[:, None]
+        return {
+            "masked_accuracy": correct.sum() / (sel.sum() * out.tokens.shape[-1]).clamp(min=1),
+            "target_perplexity": codebook_perplexity(out.tokens[:, :T], self.cfg.quantizer.num_classes, valid),
+            "masked_fraction": out.frame_mask.float().mean(),
+        }
 
 
 def noam_lambda(d_model: int, warmup_steps: int, base_lr: float, min_lr: float):
@@ -137,18 +157,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
     }
 
-
-def _masked_metrics(out: NestOutput, num_classes: int) -> dict[str, torch.Tensor]:
-    """Masked-token accuracy, target-token perplexity (codebook use) and masked fraction of one forward pass."""
-    T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
-    w = out.token_mask[:, :T, None].float().expand(-1, -1, out.tokens.shape[-1])  # (B, T', N)
-    correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]).float()
-    flat = out.tokens.reshape(-1, out.tokens.shape[-1])  # (B*T', N)
-    counts = torch.zeros(flat.shape[1], num_classes, device=flat.device).scatter_add_(
-        1, flat.T, torch.ones_like(flat.T, dtype=torch.float32))
-    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {
-        "masked_accuracy": (correct * w).sum() / w.sum().clamp(min=1),
-        "target_perplexity": torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean(),
-        "masked_fraction": out.frame_mask.float().mean(),
-    }
