@@ -2,8 +2,10 @@
 
   python -m tests.trace_train TRACE KILL_AT_STEP key=value ...
 
-With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done. The
-environment variable NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load.
+With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done. Environment:
+NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
+N-th micro-batch (from 1) give a non-finite loss; NEST_TEST_DUMP=DIR writes each rank's final parameters
+and the audio tar files it opened into DIR.
 """
 import json
 import os
@@ -34,6 +36,53 @@ def main() -> None:
         if self.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    nan = os.environ.get("NEST_TEST_NAN")
+    if nan:
+        nan_rank, nan_at = map(int, nan.split(":"))
+        forward, seen = lightning.NestLightningModule.forward, {"n": 0}
+
+        def poisoned(self, batch):
+            out = forward(self, batch)
+            if self.training:
+                seen["n"] += 1
+                if rank == nan_rank and seen["n"] == nan_at:
+                    out.loss = out.loss * float("nan")
+            return out
+
+        lightning.NestLightningModule.forward = poisoned
+    dump = os.environ.get("NEST_TEST_DUMP")
+    if dump:
+        import torch
+        from lhotse.shar.readers import tar
+
+        init = tar.TarIterator.__init__
+
+        def recorded(self, source):
+            if torch.utils.data.get_worker_info() is not None:  # the training streams' reads, not start-up checks
+                with open(os.path.join(dump, f"opened_rank{rank}.txt"), "a") as f:
+                    f.write(f"{source}\n")
+            init(self, source)
+
+        tar.TarIterator.__init__ = recorded
+        from cuts import shar
+
+        shards_of = shar.SharStream.shards_of
+
+        def assigned(self, epoch, worker):
+            shards = shards_of(self, epoch, worker)
+            with open(os.path.join(dump, f"assigned_rank{rank}.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, "worker": worker, "tars": [s.recording for s in shards]}) + "\n")
+            return shards
+
+        shar.SharStream.shards_of = assigned
+        train_end = lightning.NestLightningModule.on_train_end
+
+        def dump_params(self):
+            train_end(self)
+            torch.save(self.model.state_dict(), os.path.join(dump, f"params_rank{rank}.pt"))
+
+        lightning.NestLightningModule.on_train_end = dump_params
     lightning.NestLightningModule.training_step = traced_step
     lightning.NestLightningModule.on_train_batch_end = killing_batch_end
     fail_rank = os.environ.get("NEST_TEST_FAIL_RANK")
