@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
+import json
 import os
 from pathlib import Path
 from typing import IO, Iterator
@@ -29,3 +32,35 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_jsonl(source: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or the Exception that parsing raised) for each non-empty line of a JSON-lines
+    file: local, gzip-compressed or any URL lhotse's I/O reads. A malformed line is the caller's to report."""
+    from lhotse.serialization import open_best
+
+    with open_best(str(source), "rb") as f:
+        # lhotse's I/O decompresses local .gz files itself; URLs and pipes may arrive compressed.
+        raw = f if hasattr(f, "peek") else io.BufferedReader(_Reader(f))
+        stream = gzip.open(raw, "rb") if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+        for n, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except ValueError as e:
+                    yield n, e
+
+
+class _Reader(io.RawIOBase):
+    """A file-like object with only ``read`` (lhotse's pipes) as a raw stream, so that it can be buffered."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)

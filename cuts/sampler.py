@@ -1,7 +1,6 @@
 """Lhotse's DynamicBucketingSampler over lazy CutSets, wrapped for endless epochs and exact resume."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -9,12 +8,13 @@ from typing import Iterator, Optional, Sequence
 import torch
 import yaml
 from lhotse import CutSet
-from lhotse.serialization import deserialize_item, open_best
+from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
 
 from cuts.bins import Bins
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
+from cuts.io import read_jsonl
 from cuts.shar import is_shar, is_url, list_shards
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,14 @@ class ManifestCuts:
         self.bad_lines = 0
 
     def __iter__(self):
-        with open_best(self.source, "r") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield deserialize_item(json.loads(line))
-                except Exception as e:
-                    self.bad_lines += 1
-                    log.warning("skipping %s:%d: bad manifest line (%s: %s)", self.source, n, type(e).__name__, e)
+        for n, item in read_jsonl(self.source):
+            try:
+                if isinstance(item, Exception):
+                    raise item
+                yield deserialize_item(item)
+            except Exception as e:
+                self.bad_lines += 1
+                log.warning("skipping %s:%d: bad manifest line (%s: %s)", self.source, n, type(e).__name__, e)
 
 
 def open_cuts(source: str, seed: int) -> CutSet:

@@ -13,7 +13,6 @@ A Shar folder is local, or any URL lhotse's I/O reads (``s3://``, ``https://``, 
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import queue
@@ -27,6 +26,8 @@ import torch
 from lhotse import CutSet
 from lhotse.serialization import deserialize_item, open_best
 from lhotse.shar.readers.tar import TarIterator
+
+from cuts.io import read_jsonl
 
 log = logging.getLogger(__name__)
 INDEX = "shar_index.json"
@@ -90,17 +91,13 @@ class ShardProblems:
 
 
 def _read_cut_lines(path: str, problems: ShardProblems) -> Iterator:
-    with open_best(path, "rb") as f:
-        # lhotse's I/O decompresses local .gz files itself; URLs and pipes may arrive compressed.
-        raw = f.peek(2)[:2] if hasattr(f, "peek") else b""
-        stream = gzip.open(f, "rb") if raw == b"\x1f\x8b" else f
-        for n, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                yield deserialize_item(json.loads(line))
-            except Exception as e:  # a corrupt line costs that line only
-                problems.add(f"{path}:{n}", f"bad manifest line: {type(e).__name__}: {e}")
+    for n, item in read_jsonl(path):
+        try:
+            if isinstance(item, Exception):
+                raise item
+            yield deserialize_item(item)
+        except Exception as e:  # a corrupt line costs that line only
+            problems.add(f"{path}:{n}", f"bad manifest line: {type(e).__name__}: {e}")
 
 
 def shard_cuts(shard: Shard, with_audio: bool, problems: ShardProblems) -> Iterator:
