@@ -1,6 +1,6 @@
 """Test helper: run train.py's training with every step's cut ids and loss appended to a JSONL trace.
 
-  python -m tests.trace_train TRACE KILL_AT_STEP key=value ...
+  python -m tests.trace_train TRACE KILL_AT_STEP [--config CONFIG] key=value ...
 
 With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done. Environment:
 NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
@@ -20,6 +20,9 @@ from nest.run import train
 def main() -> None:
     trace, kill_at, *overrides = sys.argv[1:]
     kill_at = int(kill_at)
+    config = "configs/nest_tiny.yaml"
+    if overrides[:1] == ["--config"]:
+        config, overrides = overrides[1], overrides[2:]
     step = lightning.NestLightningModule.training_step
     batch_end = lightning.NestLightningModule.on_train_batch_end
 
@@ -97,7 +100,7 @@ def main() -> None:
             return read(self, cut)
 
         dataset.TimedReader.__call__ = failing
-    train(load_config("configs/nest_tiny.yaml", overrides))
+    train(load_config(config, overrides))
 
 
 if __name__ == "__main__":
