@@ -54,10 +54,18 @@ def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask:
     """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss)."""
     T = min(log_probs.shape[1], tokens.shape[1], token_mask.shape[1])
     nll = -log_probs[:, :T].gather(2, tokens[:, :T, None, :]).squeeze(2)  # (B, T', N)
-    sel = token_mask[:, :T]
-    if not sel.any():
-        return log_probs.sum() * 0.0  # nothing masked: no signal, but a finite loss in the graph
-    return nll[sel].mean()
+    w = token_mask[:, :T, None].to(nll.dtype).expand_as(nll)
+    # A weighted mean, not boolean indexing: no host sync. Nothing masked gives 0, still in the graph.
+    return (nll * w).sum() / w.sum().clamp(min=1)
+
+
+def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
+    weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
+    counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat, weights)
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
 
 
 class NestModel(nn.Module):
@@ -111,6 +119,22 @@ class NestModel(nn.Module):
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
 
+    def set_num_updates(self, step: int) -> None:
+        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""
+        T = min(out.log_probs.shape[1], out.tokens.shape[1])
+        sel = out.token_mask[:, :T, None]
+        correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]) & sel  # (B, T', N)
+        valid = torch.arange(T, device=sel.device)[None] < out.encoded_lens[:, None]
+        return {
+            "masked_accuracy": correct.sum() / (sel.sum() * out.tokens.shape[-1]).clamp(min=1),
+            "target_perplexity": codebook_perplexity(out.tokens[:, :T], self.cfg.quantizer.num_classes, valid),
+            "masked_fraction": out.frame_mask.float().mean(),
+        }
+
 
 def noam_lambda(d_model: int, warmup_steps: int, base_lr: float, min_lr: float):
     """Multiplier of ``base_lr`` at a step under NeMo's NoamAnnealing (for LambdaLR)."""
@@ -132,3 +156,4 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
     }
+

@@ -5,6 +5,12 @@ step of the configured model (clean + noisy audio at the bucket's upper duration
 optimizer step, configured precision) stays within the memory budget. On a GPU the budget is a
 fraction of the device's memory and the peak is CUDA's allocator peak; on CPU the budget is given and
 the peak counts tensor bytes (parameters, optimizer state and everything the step allocates).
+
+Headroom: the default budget is 90% of the GPU's memory, less an allowance for DDP's gradient buckets.
+NeMo's OOMptimizer sizes have been seen to run out of memory after hours as the allocator fragments
+(NVIDIA-NeMo/Speech #15847); training therefore runs the CUDA allocator with expandable segments, which
+do not fragment into blocks too small for the next long batch, and retries a step that still runs out
+as two half batches (nest/lightning.py). Lower ``--memory-fraction`` for more margin.
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ class TrainingStep:
         self.sample_rate = cfg.preprocessor.sample_rate
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-6)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as training steps it
 
     def __call__(self, batch_size: int, duration: float) -> int:
         samples = int(duration * self.sample_rate)
@@ -96,6 +102,19 @@ class TrainingStep:
             if tracker is not None:
                 tracker.__exit__(None, None, None)
         return torch.cuda.max_memory_allocated(self.device) if cuda else before + tracker.peak
+
+
+# What CUDA libraries say when a batch is too large for them: besides the allocator's OutOfMemoryError, cuBLAS
+# and cuDNN fail to allocate workspace or reject sizes past their 32-bit limits.
+TOO_LARGE = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_NOT_SUPPORTED",
+             "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_MAPPING_ERROR", "CUDNN_STATUS_EXECUTION_FAILED",
+             "CUBLAS_STATUS_EXECUTION_FAILED", "canUse32BitIndexMath", "numel needs to be smaller than int32",
+             "input tensor must fit into 32-bit index math", "CUDA error: invalid configuration argument")
+
+
+def does_not_fit(error: BaseException) -> bool:
+    """Whether ``error`` says the batch is too large for the device (rather than a bug)."""
+    return isinstance(error, torch.OutOfMemoryError) or any(s in str(error) for s in TOO_LARGE)
 
 
 @dataclass
@@ -146,8 +165,12 @@ def calibrate(
         def fits(b: int) -> tuple[bool, int]:
             try:
                 peak = step(b, duration)
-            except torch.OutOfMemoryError:
-                log.info("  %.2f s x %d: out of memory", duration, b)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not does_not_fit(e):
+                    raise
+                log.info("  %.2f s x %d: does not fit (%s)", duration, b, str(e).splitlines()[0][:120])
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 return False, 0
             log.info("  %.2f s x %d: peak %.3f GiB (budget %.3f)", duration, b, peak / GIB, budget_bytes / GIB)
             return peak <= budget_bytes, peak
