@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from lhotse import CutSet, load_manifest_lazy
+from lhotse import CutSet
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
@@ -166,16 +166,17 @@ def map_cuts(fn: Callable, cuts: Iterable, jobs: int, init_args: tuple) -> Itera
 
 
 def open_cuts(path: str | Path) -> CutSet:
-    """A lazily read CutSet; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureError(f"CUTS {path}: no such file; give a cuts.jsonl.gz made by prepare.py")
-    cuts = load_manifest_lazy(path)
-    if cuts is None:  # Lhotse tells the manifest type from its first line
-        raise FeatureError(f"CUTS {path} holds no cuts; prepare a set first (prepare.py audio-dir ...)")
-    if not isinstance(cuts, CutSet):
-        raise FeatureError(f"CUTS {path}: not a CutSet manifest (got {type(cuts).__name__})")
-    return cuts
+    """The cuts of a manifest (jsonl/jsonl.gz, local or URL), read lazily; errors name the file."""
+    from cuts.sampler import open_cuts as open_manifest
+    from cuts.shar import is_shar
+
+    if is_shar(str(path)):
+        raise FeatureError(f"CUTS {path} is a Shar folder: label the cuts manifest it was exported from, "
+                           "then export the labelled cuts.jsonl.gz")
+    try:
+        return open_manifest(str(path), seed=0)
+    except FileNotFoundError:
+        raise FeatureError(f"CUTS {path}: no such file; give a cuts.jsonl.gz made by prepare.py") from None
 
 
 def load_kmeans(path: str | Path) -> tuple[torch.Tensor, FeatureRecipe, dict]:
