@@ -4,10 +4,12 @@
 
 For world sizes 1, 8 and 64, JSONL manifests (lhotse's sampler in the training process, the map-style path)
 against Lhotse Shar (a sampler per dataloader worker over its own shards, cuts/shar.py):
-- ``sampling_ms_per_step``: time the training thread spends getting the next batch's cuts, median over
-  ``--steps`` steps. JSONL: the sampler parses world_size batches of manifest lines per step on that
-  thread. Shar: the thread only takes a finished batch from a worker (2 workers, one torch thread each,
-  running ahead while the thread "trains" for 20 ms a step).
+- ``sampling_ms_per_step``: CPU time the training thread spends sampling the next batch (its own thread time:
+  waiting is not counted), median over ``--steps`` steps. JSONL: the sampler parses world_size batches of
+  manifest lines per step on that thread. Shar: the thread only takes a finished batch from a worker
+  (2 workers, one torch thread each, running ahead while the thread "trains" for 20 ms a step); its time
+  there less ``ipc_ms_per_step``, the same DataLoader handing over ready-made batches of the same shape.
+- ``training_thread_ms_per_step``: all of it (sampling plus taking the batch from a worker).
 - ``bytes_per_rank_fraction``: bytes rank 0 reads in one epoch over the bytes of the whole data set
   (manifest + audio). JSONL: the whole manifest plus the audio of its own cuts. Shar: its shards only.
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from lhotse import CutSet, MonoCut, Recording  # noqa: E402
 
+from cuts.bins import Bins, estimate_bins  # noqa: E402
 from cuts.config import DataConfig  # noqa: E402
 from cuts.dataset import AudioNoiseBatch  # noqa: E402
 from cuts.sampler import DurationFilter, EpochSampler, build_sampler, open_cuts  # noqa: E402
@@ -67,11 +70,11 @@ def jsonl(manifest: Path, world: int, steps: int) -> tuple[float, float]:
                                          rank=0), endless=False)
     times, audio_bytes, it = [], 0, iter(sampler)
     while True:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         item = next(it, None)
         if item is None:
             break
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
         audio_bytes += sum(os.path.getsize(c.recording.sources[0].source) for c in item.cuts)
     total = os.path.getsize(manifest) + sum(os.path.getsize(c.recording.sources[0].source)
                                             for c in open_cuts(str(manifest), 0))
@@ -86,23 +89,36 @@ class CutIds(torch.utils.data.Dataset):
                                cut_ids=[c.id for c in item.cuts])
 
 
-def shar(folder: Path, world: int, steps: int) -> tuple[float, float]:
-    cfg = config()
-    stream = SharStream([str(folder)], rank=0, world_size=world, num_workers=cfg.num_workers, seed=0,
-                        make_sampler=lambda cuts, seed: build_sampler(cuts, cfg, train=True, seed=seed),
-                        keep=DurationFilter(cfg.min_duration, cfg.max_duration), dataset=CutIds(), starts={})
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4)
-    it, times = iter(loader), []
+class Ready(torch.utils.data.IterableDataset):
+    """Batches of the same shape as CutIds's, made without sampling: the cost of the hand-over alone."""
+
+    def __iter__(self):
+        while True:
+            yield AudioNoiseBatch(audio=torch.zeros(1, 1), audio_lens=torch.ones(1, dtype=torch.long),
+                                  cut_ids=[f"spk1/{i:05d}" for i in range(12)])
+
+
+def handover_ms(dataset, steps: int) -> float:
+    """Median CPU time of the training thread per next() of a 2-worker DataLoader that runs ahead."""
+    it, times = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, prefetch_factor=4)), []
     next(it)  # workers started
     for _ in range(steps):
         time.sleep(0.02)  # the step's compute, during which the workers sample and read ahead
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         next(it)
-        times.append(time.perf_counter() - t0)
-    del it
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1000
+
+
+def shar(folder: Path, world: int, steps: int, bins: Bins) -> tuple[float, float]:
+    cfg = config()
+    stream = SharStream([str(folder)], rank=0, world_size=world, num_workers=cfg.num_workers, seed=0,
+                        make_sampler=lambda cuts, seed: build_sampler(cuts, cfg, train=True, seed=seed, bins=bins),
+                        keep=DurationFilter(cfg.min_duration, cfg.max_duration), dataset=CutIds(), starts={})
+    ms = handover_ms(stream, steps)
     mine = [s for w in range(cfg.num_workers) for s in stream.shards_of(0, w)]
     size = lambda shards: sum(os.path.getsize(s.cuts) + os.path.getsize(s.recording) for s in shards)  # noqa: E731
-    return statistics.median(times) * 1000, size(mine) / size(list_shards(str(folder)))
+    return ms, size(mine) / size(list_shards(str(folder)))
 
 
 def main() -> None:
@@ -116,11 +132,16 @@ def main() -> None:
               "cores": os.cpu_count(), "jsonl": {}, "shar": {}}
     with tempfile.TemporaryDirectory() as d:
         manifest, folder = make_corpus(Path(d), args.cuts, args.shard_size)
+        bins, _ = estimate_bins(open_cuts(str(manifest), 0), 4)  # as `prepare.py bins` gives training
+        ipc = handover_ms(Ready(), args.steps)
+        result["ipc_ms_per_step"] = round(ipc, 3)
         for world in WORLDS:
             ms, frac = jsonl(manifest, world, args.steps)
-            result["jsonl"][world] = {"sampling_ms_per_step": round(ms, 3), "bytes_per_rank_fraction": round(frac, 4)}
-            ms, frac = shar(folder, world, args.steps)
-            result["shar"][world] = {"sampling_ms_per_step": round(ms, 3), "bytes_per_rank_fraction": round(frac, 4)}
+            result["jsonl"][world] = {"sampling_ms_per_step": round(ms, 3), "training_thread_ms_per_step":
+                                      round(ms + ipc, 3), "bytes_per_rank_fraction": round(frac, 4)}
+            ms, frac = shar(folder, world, args.steps, bins)
+            result["shar"][world] = {"sampling_ms_per_step": round(max(0.0, ms - ipc), 3),
+                                     "training_thread_ms_per_step": round(ms, 3), "bytes_per_rank_fraction": round(frac, 4)}
     print(json.dumps(result))
 
 

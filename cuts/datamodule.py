@@ -103,9 +103,10 @@ def _digest(path: Optional[str]) -> Optional[str]:
 
 
 class NestDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, sample_rate: int, seed: int):
+    def __init__(self, cfg: DataConfig, sample_rate: int, seed: int, with_targets: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.with_targets = with_targets  # batches carry each cut's k-means labels
         self.sample_rate = sample_rate
         self.seed = seed
         kinds = {is_shar(s) for s in cfg.train_cuts}
@@ -205,7 +206,7 @@ class NestDataModule(pl.LightningDataModule):
             cuts = combine_cuts(self.cfg.train_cuts, self.cfg.train_weights, self.seed)
             sampler = EpochSampler(self._sampler(cuts, self.seed, world, rank), endless=True)
             sampler.position = (self.epoch, self.batches_done)
-            return self._loader(NestDataset(self.sample_rate, mixer, self.seed, self.cfg.read_timeout), sampler,
+            return self._loader(NestDataset(self.sample_rate, mixer, self.seed, self.cfg.read_timeout, self.with_targets), sampler,
                                 self.seed)
         if self.bins is None:
             self.bins = self._shar_bins()
@@ -224,7 +225,7 @@ class NestDataModule(pl.LightningDataModule):
             self.cfg.train_cuts, rank, world, self.cfg.num_workers, self.seed,
             make_sampler=lambda cuts, seed: self._sampler(cuts, seed, 1, 0), keep=DurationFilter(
                 self.cfg.min_duration, self.cfg.max_duration),
-            dataset=NestDataset(self.sample_rate, mixer, self.seed), starts=starts, read_timeout=self.cfg.read_timeout,
+            dataset=NestDataset(self.sample_rate, mixer, self.seed, 0.0, self.with_targets), starts=starts, read_timeout=self.cfg.read_timeout,
         )
         return SkipFirst(self._loader(stream, seed=self.seed), offset)
 
@@ -237,7 +238,8 @@ class NestDataModule(pl.LightningDataModule):
         sampler = EpochSampler(self._sampler(cuts, self.seed, world, rank, train=False), endless=False)
         # Validation noise has a seed of its own so that val loss compares across runs of any seed.
         mixer = NoiseMixer(self.cfg.noise, load_noise(self.cfg.noise_cuts, self.sample_rate, 0))
-        return self._loader(NestDataset(self.sample_rate, mixer, 0, self.cfg.read_timeout), sampler, seed=0)
+        return self._loader(NestDataset(self.sample_rate, mixer, 0, self.cfg.read_timeout, self.with_targets), sampler,
+                            seed=0)
 
     # ---- position ------------------------------------------------------------------------------------
     def batch_done(self, batch, window_end: bool) -> None:

@@ -15,6 +15,7 @@ from lhotse import CutSet
 from lhotse.cut import Cut, MixedCut
 
 from cuts.noise import NoiseMixer
+from cuts.targets import IGNORE, collate_targets, load_targets
 
 log = logging.getLogger(__name__)
 
@@ -175,25 +176,33 @@ class NestDataset(torch.utils.data.Dataset):
     in ``AudioNoiseBatch.failed``.
     """
 
-    def __init__(self, sample_rate: int, mixer: Optional[NoiseMixer], seed: int, read_timeout: float = 0.0):
+    def __init__(self, sample_rate: int, mixer: Optional[NoiseMixer], seed: int, read_timeout: float = 0.0,
+                 with_targets: bool = False):
         self.sample_rate = sample_rate
         self.mixer = mixer
         self.seed = seed
         self.read = TimedReader(read_timeout)
+        self.with_targets = with_targets  # model.targets=kmeans: each cut's labels travel with the batch
 
     def __getitem__(self, item: SamplerItem) -> AudioNoiseBatch:
         cuts = [at_rate(c, self.sample_rate) for c in item.cuts]
         if self.mixer is not None:
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
-        loaded, ids, failed = [], [], []
+        loaded, ids, failed, targets = [], [], [], []
         for cut in cuts:
             try:
-                loaded.append(load_clean_and_noise(cut, self.read))
+                audio = load_clean_and_noise(cut, self.read)
+                if self.with_targets:
+                    targets.append(load_targets(cut))
+                loaded.append(audio)
                 ids.append(cut.id)
             except Exception as e:
                 failed.append((cut.id, f"{type(e).__name__}: {e}"))
                 log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
-        return collate(loaded, ids, failed, item, self.sample_rate)
+        batch = collate(loaded, ids, failed, item, self.sample_rate)
+        if self.with_targets:
+            batch.targets = collate_targets(targets) if targets else torch.full((1, 1, 1), IGNORE)
+        return batch
 
 
 def collate(loaded: Sequence[tuple[np.ndarray, Optional[np.ndarray]]], ids: list[str], failed: list[tuple[str, str]],

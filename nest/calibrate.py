@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from nest.config import ModelConfig
-from nest.model import NestModel
+from nest.checkpoint import build_model
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -70,7 +70,7 @@ class TrainingStep:
     def __init__(self, cfg: ModelConfig, device: torch.device, precision: str, seed: int = 0):
         torch.manual_seed(seed)
         self.device = device
-        self.model = NestModel(cfg).to(device).train()
+        self.model = build_model(cfg).to(device).train()
         self.sample_rate = cfg.preprocessor.sample_rate
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -93,7 +93,13 @@ class TrainingStep:
             noisy = audio + 0.05 * torch.randn_like(audio)
             lens = torch.full((batch_size,), samples, device=self.device)
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                out = self.model(audio, lens, noisy, lens)
+                extra = {}
+                if getattr(self.model.cfg, "targets", None) == "kmeans":  # labels as data: random ones of that shape
+                    q = self.model.cfg.quantizer
+                    tokens = -(-samples // self.model.preprocessor.hop_length // self.model.cfg.encoder.subsampling_factor)
+                    extra["targets"] = torch.randint(q.num_classes, (batch_size, tokens + 1, q.num_books),
+                                                     device=self.device)
+                out = self.model(audio, lens, noisy, lens, **extra)
             out.loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -372,6 +372,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
             mask_threshold=d["mask_threshold"],
             # Checkpoints older than the w2vbert objective are NEST's.
             objective=d.get("objective", "nest"),
+            targets=d.get("targets", "random_projection"),
             w2vbert=W2vBertConfig(**d.get("w2vbert", {})),
         )
     except (KeyError, TypeError) as e:

@@ -119,6 +119,7 @@ class ModelConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    targets: str = "random_projection"  # random_projection (NEST's quantizer) | kmeans (cut.targets from prepare.py kmeans)
     decoder_use_bias: bool = True  # bias in the token decoder
     mask_threshold: float = 0.8  # a token counts as masked when more of its frames are masked
     objective: str = "nest"  # nest | w2vbert

@@ -96,6 +96,9 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
     _choice("model.objective", cfg.model.objective, ("nest", "w2vbert"))
+    _choice("model.targets", cfg.model.targets, ("random_projection", "kmeans"))
+    if cfg.model.targets == "kmeans" and cfg.model.objective != "nest":
+        raise ConfigError("model.targets=kmeans goes with model.objective=nest (w2vbert learns its own targets)")
     validate_w2vbert(cfg.model.w2vbert, cfg.model.preprocessor.features)
     if enc.conv_kernel_size % 2 == 0:
         raise ConfigError(f"model.encoder.conv_kernel_size={enc.conv_kernel_size} must be odd")

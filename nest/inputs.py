@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cuts.sampler import open_cuts
 from cuts.shar import is_url
+from cuts.targets import targets_spec
 from nest.config import ConfigError, RunConfig
 
 AUDIO = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".sph", ".m4a", ".aac", ".aif", ".aiff")
@@ -70,3 +71,25 @@ def check_sources(cfg: RunConfig) -> None:
                 raise ConfigError(f"{key}: {s} is not a readable CutSet ({type(e).__name__}: {e})") from None
             if first is None:
                 raise ConfigError(f"{key}: {s} holds no cuts")
+            if cfg.model.targets == "kmeans" and key != "data.noise_cuts":
+                check_targets(cfg, key, s, first)
+
+
+def check_targets(cfg: RunConfig, key: str, source: str, cut) -> None:
+    """model.targets=kmeans: the cuts carry labels that fit the model's decoder and token rate."""
+    try:
+        spec = targets_spec(cut)
+    except KeyError as e:
+        raise ConfigError(f"{key}: {source}: {e.args[0]}") from None
+    q, enc, pre = cfg.model.quantizer, cfg.model.encoder, cfg.model.preprocessor
+    shift = enc.subsampling_factor * pre.window_stride
+    for what, theirs, ours, fix in (
+        ("clusters", spec.num_classes, q.num_classes, "model.quantizer.num_classes"),
+        ("labels per token", spec.labels_per_token, q.num_books, "model.quantizer.num_books"),
+    ):
+        if theirs != ours:
+            raise ConfigError(f"{key}: the k-means labels of {source} have {theirs} {what} but {fix}={ours}: "
+                              f"set {fix}={theirs}")
+    if abs(spec.token_shift - shift) > 1e-6:
+        raise ConfigError(f"{key}: the labels of {source} are {spec.token_shift * 1000:g} ms apart but the encoder "
+                          f"makes a token every {shift * 1000:g} ms: label with this model's configuration")

@@ -85,6 +85,10 @@ class _Window:
     first_failures: list = field(default_factory=list)  # (cut id, reason), a few
     data_wait: float = 0.0
     batches: int = 0
+    # The whole window since the last logging step (the counts above may have gone to the totals earlier).
+    window_audio: float = 0.0
+    window_cuts: int = 0
+    window_failed: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -125,7 +129,8 @@ class NestLightningModule(pl.LightningModule):
 
     # ---- batches -----------------------------------------------------------------------------------
     def forward(self, batch: AudioNoiseBatch):
-        return self.model(batch.audio, batch.audio_lens, batch.noisy_audio, batch.audio_lens)
+        extra = {} if batch.targets is None else {"targets": batch.targets}
+        return self.model(batch.audio, batch.audio_lens, batch.noisy_audio, batch.audio_lens, **extra)
 
     def on_train_start(self) -> None:
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
@@ -258,9 +263,12 @@ class NestLightningModule(pl.LightningModule):
         sr = self.model_cfg.preprocessor.sample_rate
         total = batch.audio.shape[0] * batch.audio.shape[1] / sr if len(batch) else 0.0
         w.audio_seconds += batch.audio_seconds
+        w.window_audio += batch.audio_seconds
         w.padded_seconds += total - batch.audio_seconds
         w.cuts += len(batch)
         w.failed += batch.num_failed
+        w.window_cuts += len(batch)
+        w.window_failed += batch.num_failed
         w.batches += 1
         w.first_failures.extend(batch.failed[: max(0, 5 - len(w.first_failures))])
 
@@ -272,11 +280,12 @@ class NestLightningModule(pl.LightningModule):
         s, w = self._device_state(), self._window
         elapsed = max(time.perf_counter() - w.started, 1e-9)
         world = _world()
-        host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.data_wait, w.batches],
-                            dtype=torch.float64, device=self.device)
+        host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.data_wait, w.batches,
+                             w.window_audio, w.window_cuts, w.window_failed], dtype=torch.float64, device=self.device)
         # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
         packed = torch.cat([torch.stack([s["loss_sum"], s["loss_n"], s["skipped"], s["consecutive"]]).double(), host])
-        loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, wait, batches = \
+        (loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, wait, batches, window_audio, window_cuts,
+         window_failed) = \
             _all_reduce_(packed).tolist()  # the one host sync of a logging step
         skipped, consecutive = round(skipped / world), round(consecutive / world)
         t = self.totals
@@ -291,9 +300,9 @@ class NestLightningModule(pl.LightningModule):
             t.first_loss = mean_loss if t.first_loss is None else t.first_loss
             t.last_loss = mean_loss
         metrics = {
-            "train/audio_seconds": audio, "train/failed_cuts": failed, "train/skipped_steps": float(t.skipped_steps),
+            "train/audio_seconds": window_audio, "train/failed_cuts": window_failed, "train/skipped_steps": float(t.skipped_steps),
             "train/oom_retries": float(t.oom_retries), "train/padding_ratio": padded / max(audio + padded, 1e-9),
-            "train/audio_s_per_s": audio / elapsed, "train/data_wait_s": wait / max(batches, 1),
+            "train/audio_s_per_s": window_audio / elapsed, "train/data_wait_s": wait / max(batches, 1),
             "train/lr": self.lr_schedulers().get_last_lr()[0],
         }
         if mean_loss is not None:
@@ -301,7 +310,7 @@ class NestLightningModule(pl.LightningModule):
         if len(out.encoded_lens) and hasattr(self.model, "metrics"):
             metrics.update({f"train/{k}": v for k, v in self.model.metrics(out).items()})
         self.log_dict(metrics, batch_size=1)
-        self.log_dict({"loss": mean_loss if mean_loss is not None else math.nan, "audio_s/s": audio / elapsed},
+        self.log_dict({"loss": mean_loss if mean_loss is not None else math.nan, "audio_s/s": window_audio / elapsed},
                       prog_bar=True, logger=False, batch_size=1)
         s["loss_sum"].zero_()
         s["loss_n"].zero_()
@@ -314,11 +323,11 @@ class NestLightningModule(pl.LightningModule):
                 f"{int(consecutive)} consecutive steps had a non-finite loss or gradient (last at step "
                 f"{self.global_step}); stopping. The last good checkpoint is kept; lower optim.lr or check the data."
             )
-        seen = cuts + failed
-        if seen and failed / seen > self.step_cfg.max_failed_fraction:
+        seen = window_cuts + window_failed
+        if seen and window_failed / seen > self.step_cfg.max_failed_fraction:
             named = "; ".join(f"{cid}: {why}" for cid, why in failures) or "(failures on other ranks)"
             raise DataLoadError(
-                f"{int(failed)} of the {int(seen)} cuts of the last {int(batches / world)} batches failed to load "
+                f"{int(window_failed)} of the {int(seen)} cuts of the last {int(batches / world)} batches failed to load "
                 f"(more than data.max_failed_fraction={self.step_cfg.max_failed_fraction}); first failures: {named}"
             )
 
@@ -360,7 +369,8 @@ class NestLightningModule(pl.LightningModule):
         t.failed_cuts += int(failed)
         if self._state:
             t.skipped_steps = round(self._state["skipped"].item())
-        self._window = _Window(started=w.started, data_wait=w.data_wait, batches=w.batches)
+        self._window = _Window(started=w.started, data_wait=w.data_wait, batches=w.batches, window_audio=w.window_audio,
+                               window_cuts=w.window_cuts, window_failed=w.window_failed, first_failures=w.first_failures)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._sync_totals()

@@ -216,7 +216,8 @@ def train(cfg: RunConfig) -> dict:
     if _global_rank_from_env() == 0:
         check_exp_dir(cfg, exp_dir, ckpt_path)
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
-    datamodule = NestDataModule(cfg.data, cfg.model.preprocessor.sample_rate, cfg.seed)
+    datamodule = NestDataModule(cfg.data, cfg.model.preprocessor.sample_rate, cfg.seed,
+                                with_targets=cfg.model.targets == "kmeans")
     try:
         datamodule.preflight()
     except (NoBatchError, DataSetupError) as e:
