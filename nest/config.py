@@ -37,9 +37,9 @@ class PreprocessorConfig:
 class MaskingConfig:
     """Random block masking of the (noisy) features before subsampling."""
 
-    block_size: int = 40  # frames (10 ms each)
+    block_size: int = 40  # mel frames (10 ms each); post_conv masks block_size // subsampling_factor frames
     mask_prob: float = 0.01  # probability that a block starts at a given frame
-    max_mask_ratio: float = 0.8  # shorter utterances get one 8-frame block instead
+    max_mask_ratio: float = 0.8  # kept for older configs: NeMo 3.0.0's overlapping masking does not use it
 
 
 @dataclass
@@ -61,6 +61,7 @@ class EncoderConfig:
     n_heads: int = 8
     subsampling_factor: int = 8
     subsampling_conv_channels: int = 256
+    subsampling_conv_chunking_factor: int = 1  # 1: split the batch only past 2^31 conv elements; 2^k: always; -1: never
     ff_expansion_factor: int = 4
     conv_kernel_size: int = 9
     conv_norm_type: str = "batch_norm"  # batch_norm | layer_norm
@@ -87,6 +88,8 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder_use_bias: bool = True
     mask_threshold: float = 0.8  # a token counts as masked when more of its frames are masked
+    mask_position: str = "pre_conv"  # pre_conv: mask mel frames | post_conv: mask subsampled frames (NeMo's option)
+    compile: bool = False  # torch.compile the encoder (NestModel.compile_encoder) in training
 
 
 @dataclass
@@ -224,6 +227,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.encoder.conv_norm_type must be batch_norm or layer_norm")
     if enc.stochastic_depth_mode not in ("linear", "uniform"):
         raise ConfigError("model.encoder.stochastic_depth_mode must be linear or uniform")
+    if cfg.model.mask_position not in ("pre_conv", "post_conv"):
+        raise ConfigError(f"model.mask_position={cfg.model.mask_position!r}: use pre_conv or post_conv")
+    if cfg.model.mask_position == "post_conv" and cfg.model.masking.block_size < enc.subsampling_factor:
+        raise ConfigError(f"model.masking.block_size={cfg.model.masking.block_size} is under one subsampled frame "
+                          f"(subsampling_factor={enc.subsampling_factor}) with mask_position=post_conv")
+    c = enc.subsampling_conv_chunking_factor
+    if c not in (-1, 1) and (c < 1 or c & (c - 1)):
+        raise ConfigError(f"model.encoder.subsampling_conv_chunking_factor={c}: use -1, 1 or a power of 2")
     if cfg.model.quantizer.dist_fn not in ("l2", "cosine"):
         raise ConfigError("model.quantizer.dist_fn must be l2 or cosine")
     if enc.conv_kernel_size % 2 == 0:

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from nest.config import ModelConfig
 from nest.conformer import ConformerEncoder
-from nest.features import MelFeatures
+from nest.features import MelFeatures, lengths_to_mask
 from nest.masking import RandomBlockMasking
 from nest.quantizer import RandomProjectionQuantizer
 
@@ -25,6 +25,7 @@ class NestOutput:
     frame_mask: torch.Tensor  # (B, T) bool, masked feature frames
     token_mask: torch.Tensor  # (B, T') bool, tokens that count in the loss
     loss: torch.Tensor  # scalar
+    mask_lens: Optional[torch.Tensor] = None  # (B,) valid frames of frame_mask's time axis
 
 
 class MultiSoftmaxDecoder(nn.Module):
@@ -51,13 +52,16 @@ def token_mask_from_frames(frame_mask: torch.Tensor, combine: int, threshold: fl
 
 
 def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss)."""
+    """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss).
+
+    A weighted mean rather than boolean indexing, so that it costs no host-device synchronisation;
+    with nothing masked it is 0 (no signal, but finite and in the graph), where NeMo's is NaN.
+    """
     T = min(log_probs.shape[1], tokens.shape[1], token_mask.shape[1])
     nll = -log_probs[:, :T].gather(2, tokens[:, :T, None, :]).squeeze(2)  # (B, T', N)
-    sel = token_mask[:, :T]
-    if not sel.any():
-        return log_probs.sum() * 0.0  # nothing masked: no signal, but a finite loss in the graph
-    return nll[sel].mean()
+    sel = token_mask[:, :T, None]  # (B, T', 1)
+    count = sel.sum() * nll.shape[-1]
+    return torch.where(sel, nll, 0.0).sum() / count.clamp(min=1)
 
 
 class NestModel(nn.Module):
@@ -68,11 +72,31 @@ class NestModel(nn.Module):
         self.cfg = cfg
         enc, q = cfg.encoder, cfg.quantizer
         feat_in = cfg.preprocessor.features
+        self.post_conv = cfg.mask_position == "post_conv"
         self.preprocessor = MelFeatures(cfg.preprocessor)
-        self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor)
-        self.mask_processor = RandomBlockMasking(cfg.masking, feat_in)
+        if self.post_conv:
+            # NeMo's post_conv: tokens from the subsampled clean features, one per encoder frame, and
+            # masks of block_size // subsampling_factor subsampled frames.
+            self.quantizer = RandomProjectionQuantizer(q, enc.d_model, 1)
+            self.mask_processor = RandomBlockMasking(cfg.masking, enc.d_model,
+                                                     cfg.masking.block_size // enc.subsampling_factor)
+        else:
+            self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor)
+            self.mask_processor = RandomBlockMasking(cfg.masking, feat_in)
         self.encoder = ConformerEncoder(enc, feat_in)
+        if self.post_conv:
+            # NeMo detaches the masked subsampled features, so the subsampling never learns: it stays
+            # a fixed random feature extractor, like the quantizer, and the targets cannot drift.
+            # Frozen here, which is the same and keeps DDP free of parameters without gradients.
+            self.encoder.pre_encode.requires_grad_(False)
         self.decoder = MultiSoftmaxDecoder(enc.d_model, q.num_classes, q.num_books, cfg.decoder_use_bias)
+
+    def compile_encoder(self, **kwargs) -> None:
+        """Compile the encoder in place with torch.compile (``model.compile``); state dict keys are kept.
+
+        The first steps of each new input shape are slow while it compiles; ``kwargs`` go to torch.compile.
+        """
+        self.encoder.compile(**kwargs)
 
     def forward(
         self,
@@ -85,23 +109,62 @@ class NestModel(nn.Module):
     ) -> NestOutput:
         """Clean ``audio`` (B, S) gives targets; ``noisy_audio`` (B, S) is masked and encoded.
 
-        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw).
+        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw); T is the mel
+        frames, or the subsampled frames with ``mask_position=post_conv``.
         """
-        feats, _ = self.preprocessor(audio, audio_lens)
-        tokens = self.quantizer(feats)
+        feats, feat_lens = self.preprocessor(audio, audio_lens)
         noisy_feats, noisy_lens = self.preprocessor(noisy_audio, noisy_audio_lens)
+        if self.post_conv:
+            with torch.no_grad():
+                clean, _ = self.encoder.pre_encode(feats.transpose(1, 2), feat_lens)  # (B, T', D)
+            tokens = self.quantizer(clean.transpose(1, 2))
+            x, mask_lens = self.encoder.pre_encode(noisy_feats.transpose(1, 2), noisy_lens)
+            x = x.transpose(1, 2)  # (B, D, T')
+        else:
+            tokens = self.quantizer(feats)
+            x, mask_lens = noisy_feats, noisy_lens
         if frame_mask is None:
             if apply_mask:
-                frame_mask = self.mask_processor.sample(noisy_lens, noisy_feats.shape[-1])
+                frame_mask = self.mask_processor.sample(mask_lens, x.shape[-1])
             else:
-                frame_mask = torch.zeros(noisy_feats.shape[0], noisy_feats.shape[-1], dtype=torch.bool,
-                                         device=noisy_feats.device)
-        masked = self.mask_processor.apply(noisy_feats, frame_mask)
-        encoded, encoded_lens = self.encoder(masked, noisy_lens)
+                frame_mask = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.bool, device=x.device)
+        masked = self.mask_processor.apply(x, frame_mask)
+        if self.post_conv:
+            encoded, encoded_lens = self.encoder(masked.transpose(1, 2), mask_lens, bypass_pre_encode=True)
+            combine = 1
+        else:
+            encoded, encoded_lens = self.encoder(masked, noisy_lens)
+            combine = self.cfg.encoder.subsampling_factor
         log_probs = self.decoder(encoded)
-        token_mask = token_mask_from_frames(frame_mask, self.cfg.encoder.subsampling_factor, self.cfg.mask_threshold)
+        token_mask = token_mask_from_frames(frame_mask, combine, self.cfg.mask_threshold)
         loss = masked_token_loss(log_probs, tokens, token_mask)
-        return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss)
+        return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss, mask_lens)
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalar tensors for logging steps only (computing them every step would waste device time).
+
+        masked_accuracy: share of masked tokens (all codebooks) predicted right; target_perplexity:
+        exp(entropy) of the target tokens of valid frames, averaged over codebooks (codes in use);
+        masked_fraction: share of valid frames masked. No host-device synchronisation.
+        """
+        T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
+        tokens = out.tokens[:, :T]  # (B, T', N)
+        sel = out.token_mask[:, :T, None]  # (B, T', 1)
+        correct = (out.log_probs[:, :T].argmax(2) == tokens) & sel
+        accuracy = correct.sum() / (sel.sum() * tokens.shape[-1]).clamp(min=1)
+        valid = lengths_to_mask(out.encoded_lens, tokens.shape[1]).float()  # (B, T')
+        N, C = tokens.shape[-1], self.cfg.quantizer.num_classes
+        counts = torch.zeros(N, C, device=tokens.device).scatter_add_(
+            1, tokens.reshape(-1, N).T, valid.reshape(1, -1).expand(N, -1)
+        )  # (N, C) histogram per codebook, one scatter for all of them
+        p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        perplexity = torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
+        metrics = {"masked_accuracy": accuracy, "target_perplexity": perplexity}
+        if out.mask_lens is not None:
+            frames = lengths_to_mask(out.mask_lens, out.frame_mask.shape[1])
+            metrics["masked_fraction"] = (out.frame_mask & frames).sum() / frames.sum().clamp(min=1)
+        return metrics
 
     @torch.no_grad()
     def encode(
