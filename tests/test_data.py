@@ -56,7 +56,7 @@ def noise_sets(tiny_corpus, real):
 
 
 @pytest.mark.parametrize("segments", [[1, 1], [1, 3]])
-def test_snr_of_mixed_segments_matches_drawn_value(tiny_corpus, segments, request):
+def test_segment_snr_of_each_piece_matches_drawn_value(tiny_corpus, segments, request):
     real = None
     try:
         real = request.getfixturevalue("real_data")
@@ -70,7 +70,7 @@ def test_snr_of_mixed_segments_matches_drawn_value(tiny_corpus, segments, reques
             for cut in mixer(speech, random.Random(7)):
                 snr = cut.tracks[1].snr
                 assert all(t.snr == snr for t in cut.tracks[1:])
-                clean, added = load_clean_and_noise(cut)
+                clean, added = load_clean_and_noise(cut, snr_definition="segment")
                 p_clean = np.mean(clean.astype(np.float64) ** 2)
                 covered = np.zeros(len(added), dtype=bool)
                 for t in cut.tracks[1:]:  # each mixed segment (piece) on its own
