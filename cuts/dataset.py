@@ -59,8 +59,11 @@ def at_rate(cut: Cut, sample_rate: int) -> Cut:
 
 def load_mono(cut: Cut) -> np.ndarray:
     """(num_samples,) float32; several channels are averaged."""
-    audio = cut.load_audio()
-    return (audio.mean(0) if audio.ndim == 2 else audio).astype(np.float32)
+    audio = cut.load_audio()  # (channels, num_samples)
+    if audio.ndim == 2:
+        # One channel is a view, not a mean (a mean is a full pass and a copy per utterance).
+        audio = audio[0] if audio.shape[0] == 1 else audio.mean(0)
+    return audio.astype(np.float32, copy=False)
 
 
 def load_clean_and_noise(cut: Cut, snr_definition: str = "nemo") -> tuple[np.ndarray, np.ndarray]:
