@@ -183,7 +183,20 @@ def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     nemo_cfg, weights = _nemo_members(path)
     cfg = model_config_from_nemo(nemo_cfg)
     state = {k: v for k, v in weights.items() if k not in DERIVED_NEMO_KEYS}
+    if cfg.mask_position == "post_conv":
+        state = post_conv_keys(state)
     return cfg, state
+
+
+def post_conv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NeMo's post_conv wraps the subsampling with the masking module inside the encoder and keeps a second
+    reference to the wrapper: the same tensors appear under three names. Keep ours, drop the aliases."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("pre_encoder.") or k.startswith("encoder.pre_encode.masking."):
+            continue  # aliases of encoder.pre_encode.pre_encode.* and mask_processor.*
+        out[k.replace("encoder.pre_encode.pre_encode.", "encoder.pre_encode.", 1)] = v
+    return out
 
 
 def load_weights(

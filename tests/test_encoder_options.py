@@ -155,3 +155,27 @@ def test_nemo_chunking_factor_and_guard_value_are_read():
 def test_bad_option_values_fail_at_start_up(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+POST_CONV = NEMO_FIXTURES.parent / "nemo_post_conv"
+
+
+@pytest.mark.skipif(not (POST_CONV / "nest_tiny_post_conv_io.pt").is_file(), reason=f"no fixture in {POST_CONV}")
+def test_post_conv_matches_nemo():
+    import yaml
+
+    from nest.checkpoint import DERIVED_NEMO_KEYS, load_weights, post_conv_keys
+
+    io = torch.load(POST_CONV / "nest_tiny_post_conv_io.pt", weights_only=True)
+    cfg = model_config_from_nemo(yaml.safe_load((POST_CONV / "nest_tiny_post_conv_model_config.yaml").read_text()))
+    model = NestModel(cfg)
+    state = {k: v for k, v in post_conv_keys(io["state_dict"]).items() if k not in DERIVED_NEMO_KEYS}
+    load_weights(model, state, "post_conv fixture")
+    mask = io["masks"][:, 0, :].bool()
+    assert mask.any()
+    with torch.no_grad():
+        out = model.eval()(io["clean"], io["lens"], io["noisy"], io["lens"], frame_mask=mask)
+    assert torch.equal(out.tokens, io["tokens"])
+    assert torch.equal(out.encoded_lens, io["encoded_len"])
+    torch.testing.assert_close(out.log_probs, io["log_probs"], rtol=0, atol=1e-4)
+    assert abs(out.loss.item() - io["loss"].item()) <= 1e-5 * io["loss"].item()
