@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="model steps per round (the fastest counts)")
     ap.add_argument("--files", type=int, default=120)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model step")
+    ap.add_argument("--tasks", default="model,data", help="model, data or both")
     ap.add_argument("--worker", choices=["ours", "nemo"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -255,14 +257,15 @@ def main() -> None:
         [args.nemo_python, "-c", "import nemo.collections.asr"], capture_output=True).returncode == 0
     with tempfile.TemporaryDirectory() as d:
         setup = {**make_data(Path(d), args.files), "preset": args.preset, "batch": args.batch,
-                 "seconds": args.seconds, "steps": args.steps, "model_threads": os.cpu_count() or 1,
+                 "seconds": args.seconds, "steps": args.steps, "model_threads": args.model_threads,
                  "encoder": asdict(model_cfg.encoder), "quantizer": asdict(model_cfg.quantizer)}
         sides = {"ours": start(sys.executable, "ours", setup)}
         if have_nemo:
             sides["nemo"] = start(args.nemo_python, "nemo", setup)
         best: dict = {}
         for _ in range(args.rounds):
-            for task in ("model", "data", "raw"):
+            tasks = args.tasks.split(",") + (["raw"] if "data" in args.tasks else [])
+            for task in tasks:
                 for side, proc in sides.items():
                     if task == "raw" and side == "nemo":
                         continue
@@ -272,7 +275,9 @@ def main() -> None:
         for proc in sides.values():
             proc.stdin.close()
             proc.wait()
-    get = best.get
+    def get(key):
+        return best.get(key, 0.0)
+
     ratio = (lambda a, b: round(a / b, 3) if a and b else None)
     print(json.dumps({
         "preset": args.preset, "batch": args.batch, "seconds_per_utterance": args.seconds, "files": args.files,
@@ -286,7 +291,7 @@ def main() -> None:
         "data_path_vs_nemo": ratio(get(("ours", "data")), get(("nemo", "data"))),
         "data_path_vs_raw_decode": ratio(get(("ours", "data")), get(("ours", "raw"))),
         "nemo_data_path_vs_raw_decode": ratio(get(("nemo", "data")), get(("ours", "raw"))),
-        "rounds": args.rounds, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "model_threads": args.model_threads, "rounds": args.rounds, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
     }))
 
