@@ -208,7 +208,7 @@ def make_data(tmp: Path, files: int) -> dict:
     cuts.to_file(tmp / "cuts.jsonl.gz")
     CutSet.from_cuts(noise).to_file(tmp / "noise.jsonl.gz")
     (tmp / "noise.json").write_text("\n".join(lines) + "\n")
-    cfg = DataConfig(batch_duration=200.0, num_buckets=10, max_duration=40.0, drop_last=False)
+    cfg = DataConfig(batch_duration=200.0, num_buckets=min(10, files), max_duration=40.0, drop_last=False)
     batches = [[c.id for c in b] for b in build_sampler(cuts, cfg, train=True, seed=0)]
     return {"cuts": str(tmp / "cuts.jsonl.gz"), "noise_cuts": str(tmp / "noise.jsonl.gz"),
             "noise_manifest": str(tmp / "noise.json"), "batches": batches}
