@@ -6,8 +6,15 @@ Padding (padded frames / total frames) on a LibriSpeech-like duration mix (mean 
 cuts without audio: ``padding_no_bucketing`` (lhotse's DynamicCutSampler), ``padding_30_bins``
 (DynamicBucketingSampler on 30 estimated bins, ``data.batch_duration``) and ``padding_calibrated``
 (per-bucket batch sizes, here sized for a memory cost linear in duration, as ``prepare.py calibrate``
-gives for a budget). ``audio_s_per_s_per_worker``: NestDataset (load 16 kHz FLAC, mix noise with
-prob 0.5 as NeMo's defaults, collate) in one process.
+gives for a budget).
+
+Loading speed per worker, measured as DataLoader workers run (one process, one torch thread), on the
+same batches of generated 16 kHz FLAC files, in one run: ``raw_decode_audio_s_per_s`` decodes the clean
+audio of each cut with soundfile and nothing else; ``audio_s_per_s_per_worker`` is NestDataset as it is
+(``__getitem__``: mix noise with NeMo's defaults, load, collate); ``batch_loader_audio_s_per_s`` the same
+through ``cuts.noise.load_batch_audio`` (each utterance decoded once per batch, only the noise spans used
+read); ``loader_only`` the same without ``collate`` (padding into the batch tensors). ``*_vs_raw_decode``:
+their ratios to the raw decode.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from lhotse import CutSet, MonoCut, Recording
 from lhotse.audio import AudioSource
 from lhotse.dataset.sampling import DynamicCutSampler
@@ -31,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.prepare import librispeech_like_durations  # noqa: E402
 from cuts.bins import Bins, estimate_bins  # noqa: E402
 from cuts.config import DataConfig, NoiseConfig  # noqa: E402
-from cuts.dataset import NestDataset, SamplerItem  # noqa: E402
-from cuts.noise import NoiseMixer  # noqa: E402
+from cuts.dataset import AudioNoiseBatch, NestDataset, SamplerItem, at_rate, batch_seed, collate, load_mono  # noqa: E402
+from cuts.noise import NoiseMixer, load_batch_audio  # noqa: E402
 from cuts.sampler import build_sampler  # noqa: E402
 
 
@@ -73,7 +82,7 @@ def bench_padding(n: int, batch_duration: float, tmp: Path) -> dict:
     }
 
 
-def bench_loading(files: int, tmp: Path, batch_duration: float) -> float:
+def make_files(files: int, tmp: Path) -> tuple[CutSet, list]:
     rng = np.random.default_rng(0)
     recs = []
     for i, d in enumerate(np.clip(librispeech_like_durations(files, seed=1), 1.0, 35.0)):
@@ -85,15 +94,62 @@ def bench_loading(files: int, tmp: Path, batch_duration: float) -> float:
         path = tmp / f"n{i:02d}.flac"
         sf.write(path, (0.05 * rng.standard_normal(10 * 16000)).astype(np.float32), 16000)
         noise.append(Recording.from_file(path).to_cut())
-    cuts = CutSet.from_cuts(r.to_cut() for r in recs)
+    return CutSet.from_cuts(r.to_cut() for r in recs), noise
+
+
+def load_batch_waveforms(ds: NestDataset, item: SamplerItem) -> tuple[list, list]:
+    """The cuts of a batch, mixed as NestDataset mixes them, and their (clean, noise) or Exception."""
+    cuts = [at_rate(c, ds.sample_rate) for c in item.cuts]
+    cuts = ds.mixer(cuts, random.Random(batch_seed(ds.seed, item)))
+    return cuts, load_batch_audio(cuts, load_mono, ds.mixer.cfg.snr_definition)
+
+
+def load_with_batch_loader(ds: NestDataset, item: SamplerItem) -> AudioNoiseBatch:
+    """What NestDataset.__getitem__ does, with cuts.noise.load_batch_audio as its loader."""
+    cuts, results = load_batch_waveforms(ds, item)
+    ok = [(r, c.id) for r, c in zip(results, cuts) if not isinstance(r, Exception)]
+    return collate([r for r, _ in ok], [i for _, i in ok], len(cuts) - len(ok), item)
+
+
+def raw_decode(item: SamplerItem) -> float:
+    """Seconds of audio decoded: the clean audio of each cut, soundfile only."""
+    total = 0
+    for cut in item.cuts:
+        audio, sr = sf.read(cut.recording.sources[0].source, dtype="float32")
+        total += len(audio) / sr
+    return total
+
+
+def bench_loading(files: int, tmp: Path, batch_duration: float, rounds: int) -> dict:
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    cuts, noise = make_files(files, tmp)
     cfg = DataConfig(batch_duration=batch_duration, num_buckets=10, max_duration=40.0, drop_last=False)
     ds = NestDataset(16000, NoiseMixer(NoiseConfig(), noise), seed=0)
-    sampler = build_sampler(cuts, cfg, train=True, seed=0)
-    audio_s, t0 = 0.0, time.perf_counter()
-    for index, batch_cuts in enumerate(sampler):
-        batch = ds[SamplerItem(cuts=batch_cuts, index=index)]
-        audio_s += batch.audio_lens.sum().item() / 16000
-    return audio_s / (time.perf_counter() - t0)
+    items = [SamplerItem(cuts=b, index=i) for i, b in enumerate(build_sampler(cuts, cfg, train=True, seed=0))]
+    audio_s = sum(c.duration for item in items for c in item.cuts)
+    paths = {
+        "raw_decode": raw_decode,
+        "dataset": lambda item: ds[item],
+        "batch_loader": lambda item: load_with_batch_loader(ds, item),
+        "loader_only": lambda item: load_batch_waveforms(ds, item),
+    }
+    best = {name: float("inf") for name in paths}
+    for _ in range(rounds):  # interleaved, best of rounds: the machine is shared
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            for item in items:
+                fn(item)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    speed = {name: audio_s / t for name, t in best.items()}
+    return {
+        "raw_decode_audio_s_per_s": round(speed["raw_decode"], 1),
+        "audio_s_per_s_per_worker": round(speed["dataset"], 1),
+        "batch_loader_audio_s_per_s": round(speed["batch_loader"], 1),
+        "dataset_vs_raw_decode": round(speed["dataset"] / speed["raw_decode"], 3),
+        "batch_loader_vs_raw_decode": round(speed["batch_loader"] / speed["raw_decode"], 3),
+        "loader_only_vs_raw_decode": round(speed["loader_only"] / speed["raw_decode"], 3),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -101,13 +157,16 @@ def main() -> None:
     ap.add_argument("--cuts", type=int, default=50_000)
     ap.add_argument("--batch-duration", type=float, default=600.0)
     ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-padding", action="store_true", help="only the loading speed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        result = bench_padding(args.cuts, args.batch_duration, tmp)
-        result["audio_s_per_s_per_worker"] = round(bench_loading(args.files, tmp, 200.0), 1)
+        result = {} if args.skip_padding else bench_padding(args.cuts, args.batch_duration, tmp)
+        result.update(bench_loading(args.files, tmp, 200.0, args.rounds))
     result.update({"cuts": args.cuts, "batch_duration": args.batch_duration,
-                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()})
+                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "date": time.strftime("%Y-%m-%d")})
     print(json.dumps(result))
 
 

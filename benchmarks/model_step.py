@@ -2,7 +2,9 @@
 
   python benchmarks/model_step.py --preset large --batch 8 --seconds 16 [--device cuda] [--precision bf16]
 
-``audio_s_per_s`` is seconds of audio per second of training step (forward, backward, optimizer).
+``audio_s_per_s`` is seconds of audio per second of training step (forward, backward, fused AdamW).
+``host_syncs_per_step`` counts the host-device synchronisations of one such step (nest/syncs.py; on CPU
+the CPU stands in for the device), ``host_sync_ops`` names them.
 ``explicit_attention_audio_s_per_s`` times the same model with attention computed as NeMo does by
 default (scores, masked softmax, matmul) instead of PyTorch's fused SDPA, in the same run, so their
 ratio compares the two on the same machine.
@@ -13,14 +15,19 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from nest.config import model_preset
-from nest.conformer import NEG_INF, RelPositionMultiHeadAttention
-from nest.model import NestModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
+
+from nest.config import model_preset  # noqa: E402
+from nest.conformer import NEG_INF, RelPositionMultiHeadAttention  # noqa: E402
+from nest.model import NestModel  # noqa: E402
+from nest.syncs import HostSyncCounter  # noqa: E402
 
 
 def explicit_attention(self, x, pos_emb, att_mask):
@@ -38,18 +45,31 @@ def explicit_attention(self, x, pos_emb, att_mask):
     return self.linear_out(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def train_step(model, opt, audio, lens, device, dtype) -> None:
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(audio, lens, audio, lens)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def count_syncs(model, audio, lens, device, dtype) -> HostSyncCounter:
+    """Host synchronisations of one training step, after a warm-up step (optimizer state created)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    train_step(model, opt, audio, lens, device, dtype)
+    with HostSyncCounter(None if device.type == "cpu" else device.type) as syncs:
+        train_step(model, opt, audio, lens, device, dtype)
+    return syncs
+
+
 def time_steps(model, audio, lens, steps, warmup, device, dtype) -> float:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(audio, lens, audio, lens)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, audio, lens, device, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -78,6 +98,7 @@ def main() -> None:
     samples = int(args.seconds * 16000)
     audio = 0.1 * torch.randn(args.batch, samples, device=device)
     lens = torch.full((args.batch,), samples, device=device)
+    syncs = count_syncs(model, audio, lens, device, dtype)
     sdpa = time_steps(model, audio, lens, args.steps, args.warmup, device, dtype)
     original = RelPositionMultiHeadAttention.forward
     RelPositionMultiHeadAttention.forward = explicit_attention
@@ -93,6 +114,7 @@ def main() -> None:
         "step_s": sdpa, "audio_s_per_s": audio_s / sdpa,
         "explicit_attention_step_s": explicit, "explicit_attention_audio_s_per_s": audio_s / explicit,
         "sdpa_speedup": explicit / sdpa,
+        "host_syncs_per_step": syncs.count, "host_sync_ops": dict(syncs.calls), "date": time.strftime("%Y-%m-%d"),
     }))
 
 

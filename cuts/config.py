@@ -15,6 +15,8 @@ class NoiseConfig:
     speech_snr: List[float] = field(default_factory=lambda: [-5.0, 5.0])  # dB range, speech-in-speech
     mix_rate: List[float] = field(default_factory=lambda: [0.5, 0.5])  # range of the share of the utterance covered
     num_segments: List[int] = field(default_factory=lambda: [1, 1])  # range of the number of interference segments
+    num_speakers: List[int] = field(default_factory=lambda: [1, 1])  # range of other utterances in speech mode
+    snr_definition: str = "nemo"  # nemo: one gain, noise energy over the whole utterance | segment: per piece
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from lhotse import CutSet
-from lhotse.cut import Cut, MixedCut
+from lhotse.cut import Cut
 
-from cuts.noise import NoiseMixer
+from cuts.noise import NoiseMixer, load_batch_audio
 from cuts.targets import IGNORE, collate_targets, load_targets
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,11 @@ def at_rate(cut: Cut, sample_rate: int) -> Cut:
 
 def load_mono(cut: Cut) -> np.ndarray:
     """(num_samples,) float32; several channels are averaged."""
-    audio = cut.load_audio()
-    return (audio.mean(0) if audio.ndim == 2 else audio).astype(np.float32)
+    audio = cut.load_audio()  # (channels, num_samples)
+    if audio.ndim == 2:
+        # One channel is a view, not a mean (a mean is a full pass and a copy per utterance).
+        audio = audio[0] if audio.shape[0] == 1 else audio.mean(0)
+    return audio.astype(np.float32, copy=False)
 
 
 class TimedReader:
@@ -131,39 +134,13 @@ class TimedReader:
                                f"(data.read_timeout): stalled storage?") from None
 
 
-def mean_power(x: np.ndarray) -> float:
-    return float(np.mean(x.astype(np.float64) ** 2))
-
-
-def snr_gain(reference_power: float, added: np.ndarray, snr: Optional[float]) -> float:
-    """Gain making ``reference_power`` over the mean power of ``added`` equal ``snr`` dB; 1 when either is silent."""
-    if snr is None:
-        return 1.0
-    add = mean_power(added)
-    if reference_power <= 0 or add <= 0:
-        return 1.0
-    return float(np.sqrt(reference_power * 10 ** (-snr / 10) / add))
-
-
-def load_clean_and_noise(cut: Cut, read=load_mono) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Clean audio and the interference placed and scaled as the MixedCut describes, unmixed (None: none)."""
-    if not isinstance(cut, MixedCut):
-        return read(cut), None
-    first, *rest = cut.tracks
-    clean = read(first.cut)
-    noise = np.zeros_like(clean)
-    sr = first.cut.sampling_rate
-    reference = mean_power(clean)  # once per utterance, whatever the number of pieces
-    for track in rest:
-        try:
-            piece = read(track.cut)
-        except Exception as e:  # a bad noise file must not cost the utterance
-            log.warning("skipping interference %s of cut %s: %s", track.cut.id, cut.id, e)
-            continue
-        start = int(round(track.offset * sr))
-        piece = piece[: max(0, len(noise) - start)]
-        noise[start : start + len(piece)] += snr_gain(reference, piece, track.snr) * piece
-    return clean, noise
+def load_clean_and_noise(cut: Cut, snr_definition: str = "nemo") -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Clean audio and the interference placed and scaled as the MixedCut describes, unmixed (one cut;
+    a batch is faster through cuts.noise.load_batch_audio, which decodes each utterance once)."""
+    result = load_batch_audio([cut], load_mono, snr_definition)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 class NestDataset(torch.utils.data.Dataset):
@@ -186,15 +163,18 @@ class NestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: SamplerItem) -> AudioNoiseBatch:
         cuts = [at_rate(c, self.sample_rate) for c in item.cuts]
+        snr_definition = "nemo"
         if self.mixer is not None:
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
+            snr_definition = self.mixer.cfg.snr_definition
         loaded, ids, failed, targets = [], [], [], []
-        for cut in cuts:
+        for cut, result in zip(cuts, load_batch_audio(cuts, self.read, snr_definition)):
             try:
-                audio = load_clean_and_noise(cut, self.read)
+                if isinstance(result, Exception):
+                    raise result
                 if self.with_targets:
                     targets.append(load_targets(cut))
-                loaded.append(audio)
+                loaded.append(result)
                 ids.append(cut.id)
             except Exception as e:
                 failed.append((cut.id, f"{type(e).__name__}: {e}"))
@@ -205,19 +185,26 @@ class NestDataset(torch.utils.data.Dataset):
         return batch
 
 
+def _pad(arrays: Sequence[np.ndarray], S: int) -> torch.Tensor:
+    """(B, S) float32: each array at the start of its row, zeros after (only the tails are written twice)."""
+    out = torch.empty(len(arrays), S)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = torch.from_numpy(a)
+        out[i, len(a):] = 0.0
+    return out
+
+
 def collate(loaded: Sequence[tuple[np.ndarray, Optional[np.ndarray]]], ids: list[str], failed: list[tuple[str, str]],
             item: SamplerItem, sample_rate: int) -> AudioNoiseBatch:
-    """Pad clean and noise waveforms into one batch (one second of silence when nothing loaded)."""
+    """Pad clean and noise waveforms into one batch (one second of silence when nothing loaded); the noise tensor
+    is left out when no utterance of the batch has interference."""
     if not loaded:
         loaded = [(np.zeros(sample_rate, dtype=np.float32), None)]
     lens = torch.tensor([len(c) for c, _ in loaded], dtype=torch.int64)
     S = int(lens.max())
-    audio = torch.zeros(len(loaded), S)
-    noise = torch.zeros(len(loaded), S) if any(n is not None for _, n in loaded) else None
-    for i, (c, n) in enumerate(loaded):
-        audio[i, : len(c)] = torch.from_numpy(c)
-        if n is not None:
-            noise[i, : len(n)] = torch.from_numpy(n)
+    audio = _pad([c for c, _ in loaded], S)
+    mixed = any(n is not None for _, n in loaded)
+    noise = _pad([n if n is not None else np.zeros(0, np.float32) for _, n in loaded], S) if mixed else None
     return AudioNoiseBatch(
         audio=audio, audio_lens=lens, noise=noise, cut_ids=ids, failed=failed,
         audio_seconds=sum(len(c) for c, _ in loaded) / sample_rate if ids else 0.0,

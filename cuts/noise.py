@@ -1,91 +1,205 @@
-"""On-the-fly interference: a seeded transform turning some cuts of a batch into Lhotse MixedCuts.
+"""On-the-fly interference as NeMo's MultiSpeakerNoiseAugmentation draws it, described as Lhotse MixedCuts.
 
-Placement follows NeMo's MultiSpeakerNoiseAugmentation: a share ``mix_rate`` of the utterance is
-covered by 1..N non-overlapping segments, filled with noise from the noise CutSet or, with
-probability ``1 - noise_ratio``, with another utterance of the same batch (speech-in-speech).
-Every piece is mixed at the drawn SNR: mean power of the whole clean utterance over mean power of
-the piece, as lhotse defines the SNR of a MixedCut track.
+``NoiseMixer`` (a seeded transform) turns some cuts of a batch into MixedCuts: the first track is the
+clean utterance, the others the interference pieces, placed where they go and carrying the drawn SNR.
+``load_batch_audio`` turns the batch into (clean, noise) waveforms, decoding every source once.
+
+The draws follow NeMo, in samples: with probability ``prob`` an utterance of n samples gets
+``int(n * mix_rate)`` samples of interference, split multinomially into ``num_segments`` segments placed in
+order without overlap. Noise mode (probability ``noise_ratio``, or a batch of one): the segments are
+consecutive stretches of one noise cut, read from a random offset (when it is longer than the utterance)
+and repeated when it is shorter. Speech mode: ``num_speakers`` other utterances of the batch, taken in turn
+for the segments (then at random), each segment from a random offset of its speaker.
+
+SNR (``snr_definition``): ``nemo`` scales all pieces by one gain so that the clean utterance's mean energy
+over the interference's mean energy across the whole utterance (zeros outside the segments) is the drawn
+SNR, as NeMo does; ``segment`` scales each piece on its own against the clean utterance's mean energy, as
+lhotse mixes a MixedCut track. With mix_rate 0.5 the segment definition is 3 dB quieter.
 
 Unlike NeMo, utterances left unaugmented get no noise at all (NeMo adds the loaded noise unscaled).
 """
 from __future__ import annotations
 
+import logging
 import random
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-from lhotse.cut import Cut
+from lhotse.cut import Cut, MixedCut
 
 from cuts.config import NoiseConfig
 
+log = logging.getLogger(__name__)
 
-def split_duration(total: float, parts: int, rng: random.Random) -> list[float]:
-    """``total`` seconds cut at ``parts - 1`` uniform points."""
-    points = sorted(rng.uniform(0, total) for _ in range(parts - 1))
-    edges = [0.0, *points, total]
-    return [b - a for a, b in zip(edges, edges[1:]) if b - a > 0]
+SNR_DEFINITIONS = ("nemo", "segment")
 
 
-def pieces_from(source: Cut, duration: float, rng: random.Random) -> list[Cut]:
-    """``duration`` seconds of ``source`` from a random offset, wrapping around when it is shorter."""
-    pieces, left = [], duration
-    start = rng.uniform(0, max(0.0, source.duration - duration)) if source.duration > duration else 0.0
-    while left > 1e-4:
-        take = min(left, source.duration - start)
-        pieces.append(source.truncate(offset=start, duration=take, preserve_id=True))
+def multinomial_split(total: int, parts: int, rng: random.Random) -> list[int]:
+    """``total`` as the counts of ``total`` uniform draws among ``parts`` (NeMo's Counter of random.choices),
+    zero counts left out."""
+    counts = np.random.default_rng(rng.getrandbits(64)).multinomial(total, [1.0 / parts] * parts)
+    return [int(c) for c in counts if c > 0]
+
+
+def segment_starts(length: int, mix_len: int, seg_lens: Sequence[int], rng: random.Random) -> list[int]:
+    """NeMo's placement: each segment starts at random after the previous one, leaving room for the rest."""
+    starts, lo, hi = [], 0, length - mix_len
+    for n in seg_lens:
+        start = rng.randint(lo, hi - 1) if lo < hi else lo
+        starts.append(start)
+        lo, hi = start + n, hi + n
+    return starts
+
+
+def stretch(source: Cut, offset: int, num_samples: int) -> list[Cut]:
+    """``num_samples`` of ``source`` from sample ``offset``, wrapping to its start (NeMo repeats short audio)."""
+    sr, total = source.sampling_rate, source.num_samples
+    pieces, left = [], num_samples
+    while left > 0:
+        take = min(left, total - offset)
+        pieces.append(source.truncate(offset=offset / sr, duration=take / sr, preserve_id=True))
         left -= take
-        start = 0.0
+        offset = 0
     return pieces
 
 
 class NoiseMixer:
-    """Call with the cuts of one batch and a seeded RNG; returns the cuts, some of them MixedCuts
-    whose first track is the clean utterance and whose other tracks are the interference."""
+    """Call with the cuts of one batch (all at one sampling rate) and a seeded RNG; returns the cuts, some
+    of them MixedCuts whose first track is the clean utterance and whose other tracks are the interference."""
 
     def __init__(self, cfg: NoiseConfig, noise_cuts: Optional[Sequence[Cut]]):
         self.cfg = cfg
-        self.noise_cuts = list(noise_cuts or [])
-        for name in ("snr", "speech_snr", "mix_rate", "num_segments"):
+        # Any sequence: a PackedCuts noise set stays packed (a list would hold every cut as objects in each worker).
+        self.noise_cuts = noise_cuts if noise_cuts is not None else []
+        for name in ("snr", "speech_snr", "mix_rate", "num_segments", "num_speakers"):
             lo, hi = getattr(cfg, name)
             if lo > hi:
                 raise ValueError(f"data.noise.{name}: the low end {lo} is above the high end {hi}")
         if not 0 <= cfg.mix_rate[0] <= cfg.mix_rate[1] <= 1:
             raise ValueError("data.noise.mix_rate must lie within [0, 1]")
-
-    @staticmethod
-    def _other(i: int, n: int, rng: random.Random) -> int:
-        """A uniformly drawn index in range(n) other than ``i``."""
-        j = rng.randrange(n - 1)
-        return j + (j >= i)
+        if cfg.num_segments[0] < 1 or cfg.num_speakers[0] < 1:
+            raise ValueError("data.noise.num_segments and data.noise.num_speakers must be at least 1")
+        if cfg.snr_definition not in SNR_DEFINITIONS:
+            raise ValueError(f"data.noise.snr_definition={cfg.snr_definition!r}: use one of {SNR_DEFINITIONS}")
 
     def __call__(self, cuts: Sequence[Cut], rng: random.Random) -> list[Cut]:
-        cfg = self.cfg
-        out = []
-        for i, cut in enumerate(cuts):
-            if rng.random() >= cfg.prob:
-                out.append(cut)
-                continue
-            use_noise = rng.random() < cfg.noise_ratio or len(cuts) == 1
-            if use_noise and not self.noise_cuts:
-                out.append(cut)  # no noise set given: noise mode leaves the utterance clean
-                continue
-            snr = rng.uniform(*(cfg.snr if use_noise else cfg.speech_snr))
-            mix_dur = cut.duration * rng.uniform(*cfg.mix_rate)
-            if mix_dur < 0.01:
-                out.append(cut)
-                continue
-            seg_durs = split_duration(mix_dur, rng.randint(*cfg.num_segments), rng)
-            # Gaps between segments: the free time split at uniform points, so segments never overlap.
-            free = cut.duration - mix_dur
-            gaps = np.diff([0.0, *sorted(rng.uniform(0, free) for _ in seg_durs)]).tolist()
-            mixed, t = cut, 0.0
-            for gap, dur in zip(gaps, seg_durs):
-                t += gap
-                source = rng.choice(self.noise_cuts) if use_noise else cuts[self._other(i, len(cuts), rng)]
-                offset = t
-                for piece in pieces_from(source, dur, rng):
-                    mixed = mixed.mix(piece, offset_other_by=offset, snr=snr, preserve_id="left")
-                    offset += piece.duration
-                t += dur
-            out.append(mixed)
-        return out
+        return [self._augment(i, cuts, rng) for i in range(len(cuts))]
+
+    def _augment(self, i: int, cuts: Sequence[Cut], rng: random.Random) -> Cut:
+        cfg, cut, B = self.cfg, cuts[i], len(cuts)
+        if rng.random() >= cfg.prob:
+            return cut
+        lo, hi = cfg.mix_rate
+        mix_len = max(1, int(cut.num_samples * (rng.uniform(lo, hi) if lo < hi else lo)))
+        num_segments = rng.randint(*cfg.num_segments)
+        num_speakers = min(rng.randint(*cfg.num_speakers), B)
+        use_noise = rng.random() < cfg.noise_ratio or B == 1
+        snr = rng.uniform(*(cfg.snr if use_noise else cfg.speech_snr))
+        if use_noise and not self.noise_cuts:
+            return cut  # no noise set given: noise mode leaves the utterance clean
+        seg_lens = multinomial_split(mix_len, num_segments, rng)
+        if use_noise:
+            noise = rng.choice(self.noise_cuts)
+            # Consecutive stretches of the noise. A noise longer than the utterance is read from a random
+            # offset over the utterance's length (mix_len never passes it); a shorter one repeats.
+            N = noise.num_samples
+            offset = rng.randint(0, N - cut.num_samples) if N > cut.num_samples else 0
+            sources, used = [], 0
+            for n in seg_lens:
+                sources.append(stretch(noise, (offset + used) % N, n))
+                used += n
+        else:
+            others = [j for j in range(B) if j != i]
+            speakers = rng.sample(others, k=min(num_speakers, B - 1))
+            sources, sid = [], 0
+            for n in seg_lens:
+                other = cuts[speakers[sid]]
+                start = rng.randint(0, other.num_samples - n - 1) if other.num_samples > n else 0
+                sources.append(stretch(other, start, n))
+                sid += 1
+                if sid >= len(speakers):
+                    sid = rng.randint(0, len(speakers) - 1)
+        sr = cut.sampling_rate
+        mixed = cut
+        for start, pieces in zip(segment_starts(cut.num_samples, mix_len, seg_lens, rng), sources):
+            for piece in pieces:
+                mixed = mixed.mix(piece, offset_other_by=start / sr, snr=snr, preserve_id="left")
+                start += piece.num_samples
+        return mixed
+
+
+def _energy(x: np.ndarray) -> float:
+    """Sum of squares (float32 BLAS dot product: far faster than a float64 copy, precise enough for an SNR)."""
+    return float(np.dot(x, x))
+
+
+Reader = Callable[[Cut], np.ndarray]
+
+
+def load_batch_audio(
+    cuts: Sequence[Cut], read: Reader, snr_definition: str = "nemo"
+) -> list[Union[tuple[np.ndarray, Optional[np.ndarray]], Exception]]:
+    """(clean, noise) float32 waveforms of each cut of a batch (noise None where the cut has none), or the
+    Exception that its audio raised.
+
+    ``read(cut) -> (num_samples,) float32`` reads one cut (lhotse reads only the cut's span of the file);
+    every read goes through it. Each utterance is decoded once: a speech-in-speech piece is sliced from
+    the batch's own decoded copy of its speaker. Noise pieces are read as the spans they cover. A failing
+    noise piece costs only that piece (logged); a failing utterance gives its Exception.
+    """
+    if snr_definition not in SNR_DEFINITIONS:
+        raise ValueError(f"snr_definition={snr_definition!r}: use one of {SNR_DEFINITIONS}")
+    firsts = [c.tracks[0].cut if isinstance(c, MixedCut) else c for c in cuts]
+    clean: list[Union[np.ndarray, Exception]] = []
+    for first in firsts:
+        try:
+            clean.append(read(first))
+        except Exception as e:  # reported by the caller, which drops the cut
+            clean.append(e)
+    decoded = {f.id: (f, a) for f, a in zip(firsts, clean) if not isinstance(a, Exception)}
+    out: list[Union[tuple[np.ndarray, Optional[np.ndarray]], Exception]] = []
+    for cut, audio in zip(cuts, clean):
+        if isinstance(audio, Exception) or not isinstance(cut, MixedCut):
+            out.append(audio if isinstance(audio, Exception) else (audio, None))
+            continue
+        out.append((audio, _interference(cut, audio, decoded, read, snr_definition)))
+    return out
+
+
+def _piece_audio(piece: Cut, decoded: dict, read: Reader) -> np.ndarray:
+    """A piece's samples: sliced from an utterance of the batch when it is one, else read."""
+    hit = decoded.get(piece.id)
+    if hit is not None and hit[0].recording_id == piece.recording_id:
+        whole, audio = hit
+        start = round((piece.start - whole.start) * piece.sampling_rate)
+        return audio[start : start + piece.num_samples]
+    return read(piece)
+
+
+def _interference(cut: MixedCut, clean: np.ndarray, decoded: dict, read: Reader, snr_definition: str) -> np.ndarray:
+    """The MixedCut's tracks after the first, placed and scaled by the SNR definition, unmixed."""
+    sr, n = cut.tracks[0].cut.sampling_rate, len(clean)
+    noise = np.zeros_like(clean)
+    clean_energy = _energy(clean)
+    snr = None
+    for track in cut.tracks[1:]:
+        try:
+            piece = _piece_audio(track.cut, decoded, read)
+        except Exception as e:  # a bad noise file must not cost the utterance
+            log.warning("skipping interference %s of cut %s: %s", track.cut.id, cut.id, e)
+            continue
+        start = int(round(track.offset * sr))
+        piece = piece[: max(0, n - start)]
+        snr = track.snr
+        if snr_definition == "segment" and snr is not None:
+            added = _energy(piece)
+            if clean_energy > 0 and added > 0:
+                # Mean energies: the clean utterance's over n samples, the piece's over its own length.
+                piece = piece * np.float32(np.sqrt(clean_energy / n * 10 ** (-snr / 10) / (added / len(piece))))
+        noise[start : start + len(piece)] += piece
+    if snr_definition == "nemo" and snr is not None:
+        added = _energy(noise)
+        # NeMo: both mean energies over the utterance's length, and no noise when either is silent.
+        gain = np.sqrt(clean_energy / (10 ** (snr / 10) * added)) if added > 0 else 0.0
+        noise *= np.float32(gain)
+    return noise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import math
 import pickle
 import tarfile
 from dataclasses import asdict, dataclass, replace
@@ -64,36 +65,88 @@ def _nemo_members(path: Path) -> tuple[dict, dict]:
     return cfg, weights
 
 
-def _require(section: dict, key: str, allowed: Iterable[Any], where: str) -> None:
-    if key in section and section[key] not in allowed:
-        raise CheckpointError(f"{where}.{key}={section[key]!r} is not supported here (supported: {list(allowed)})")
+# NeMo options that .nemo loading refuses, with the values it accepts and why. Options not listed are
+# mapped (see model_config_from_nemo) or have no effect on NEST's numerics (squeeze_single, spec_augment,
+# pos_emb_max_len, use_pytorch_sdpa*, sync_max_audio_length, global_tokens_spacing, global_attn_separate,
+# rng, nb_max_freq, the deprecated use_torchaudio/stft_exact_pad/stft_conv, masking.mask_value (the
+# stored embedding is loaded), masking.max_mask_ratio (unused by NeMo 3.0.0's overlapping masking)).
+NEMO_REFUSED = [
+    ("preprocessor", "normalize", ["per_feature"], "other feature normalizations are not implemented"),
+    ("preprocessor", "window", ["hann"], "other STFT windows are not implemented"),
+    ("preprocessor", "frame_splicing", [1], "frame stacking in the preprocessor is not implemented"),
+    ("preprocessor", "log", [True], "only log-mel features are implemented"),
+    ("preprocessor", "log_zero_guard_type", ["add"], "only the additive log guard is implemented"),
+    ("preprocessor", "exact_pad", [False], "exact STFT padding (other frame counts) is not implemented"),
+    ("preprocessor", "pad_value", [0], "frames added by pad_to are zeros here"),
+    ("preprocessor", "mag_power", [2.0], "only the power spectrum is implemented"),
+    ("preprocessor", "nb_augmentation_prob", [0.0], "narrowband augmentation in the preprocessor is not implemented"),
+    ("preprocessor", "mel_norm", ["slaney"], "only the Slaney-normalized mel filterbank is implemented"),
+    ("preprocessor", "lowfreq", [0], "only the full-band filterbank (0 Hz to sample_rate / 2) is implemented"),
+    ("preprocessor", "highfreq", [None], "only the full-band filterbank (0 Hz to sample_rate / 2) is implemented"),
+    ("masking", "allow_overlap", [True], "NeMo's non-overlapping block masking (another law) is not implemented"),
+    ("masking", "freeze", [True], "the mask embedding is frozen here, as in NeMo's NEST recipe"),
+    ("quantizer", "freeze", [True], "a trainable quantizer is not BEST-RQ's random projection"),
+    ("quantizer", "time_ahead", [False], "NEST feeds the quantizer (B, D, T)"),
+    ("encoder", "subsampling", ["dw_striding"], "only FastConformer's dw_striding subsampling is implemented"),
+    ("encoder", "self_attention_model", ["rel_pos"], "absolute and local attention are not implemented"),
+    ("encoder", "untie_biases", [True], "positional biases shared by all layers are not implemented"),
+    ("encoder", "causal_downsampling", [False], "causal subsampling (streaming) is not implemented"),
+    ("encoder", "feat_out", [-1, None], "an encoder output projection is not implemented"),
+    ("encoder", "att_context_size", [[-1, -1], None], "limited or multiple attention contexts (streaming) are not implemented"),
+    ("encoder", "att_context_probs", [None], "multiple attention contexts (streaming) are not implemented"),
+    ("encoder", "att_chunk_context_size", [None], "chunked attention (streaming) is not implemented"),
+    ("encoder", "att_context_style", ["regular"], "chunked attention (streaming) is not implemented"),
+    ("encoder", "conv_context_style", ["regular"], "dynamic chunked convolution is not implemented"),
+    ("encoder", "conv_norm_type", ["batch_norm", "layer_norm"], "group norm in the convolution module is not implemented"),
+    ("encoder", "reduction", [None], "time reduction inside the layer stack is not implemented"),
+    ("encoder", "global_tokens", [0], "global tokens (local attention) are not implemented"),
+]
+
+
+def _check_nemo_options(nemo: dict) -> None:
+    for section, key, allowed, why in NEMO_REFUSED:
+        values = nemo.get(section) or {}
+        if key in values and values[key] not in allowed:
+            raise CheckpointError(f"{section}.{key}={values[key]!r} is not supported: {why} (supported: {allowed})")
+    enc = nemo.get("encoder") or {}
+    k = int(enc.get("conv_kernel_size", EncoderConfig().conv_kernel_size))
+    if enc.get("conv_context_size") not in (None, [(k - 1) // 2, (k - 1) // 2]):
+        raise CheckpointError(f"encoder.conv_context_size={enc['conv_context_size']!r} is not supported: causal or "
+                              f"asymmetric convolution context (streaming) is not implemented")
+
+
+def _log_zero_guard(value) -> float:
+    """NeMo's log_zero_guard_value: a number, or 'tiny' / 'eps' of float32."""
+    if value in ("tiny", "eps"):
+        return float(getattr(torch.finfo(torch.float32), value))
+    return float(value)
 
 
 def model_config_from_nemo(nemo: dict) -> ModelConfig:
     """Map a NeMo EncDecDenoiseMaskedTokenPredModel config onto ours, refusing what we do not implement."""
+    _check_nemo_options(nemo)
     pre, enc, q = nemo.get("preprocessor", {}), nemo.get("encoder", {}), nemo.get("quantizer", {})
     mask, dec, loss = nemo.get("masking", {}), nemo.get("decoder", {}), nemo.get("loss", {})
-    _require(nemo, "mask_position", ["pre_conv"], "model")
-    _require(pre, "normalize", ["per_feature"], "preprocessor")
-    _require(pre, "window", ["hann"], "preprocessor")
-    _require(pre, "frame_splicing", [1], "preprocessor")
-    _require(pre, "log", [True], "preprocessor")
-    _require(mask, "allow_overlap", [True], "masking")
-    _require(enc, "subsampling", ["dw_striding"], "encoder")
-    _require(enc, "self_attention_model", ["rel_pos"], "encoder")
-    _require(enc, "untie_biases", [True], "encoder")
-    _require(enc, "causal_downsampling", [False], "encoder")
-    _require(enc, "feat_out", [-1, None], "encoder")
-    if list(enc.get("att_context_size", [-1, -1])) != [-1, -1]:
-        raise CheckpointError(f"encoder.att_context_size={enc['att_context_size']} is not supported (only [-1, -1])")
+    mask_position = nemo.get("mask_position", "pre_conv")
+    if mask_position not in ("pre_conv", "post_conv"):
+        raise CheckpointError(f"mask_position={mask_position!r} is not supported (supported: pre_conv, post_conv)")
     p = PreprocessorConfig()
+    sample_rate = int(pre.get("sample_rate", nemo.get("sample_rate", p.sample_rate)))
+    window_size, window_stride = float(pre.get("window_size", p.window_size)), float(pre.get("window_stride", p.window_stride))
+    if pre.get("n_window_size"):  # NeMo's sizes in samples take precedence over seconds
+        window_size = int(pre["n_window_size"]) / sample_rate
+    if pre.get("n_window_stride"):
+        window_stride = int(pre["n_window_stride"]) / sample_rate
+    n_fft = pre.get("n_fft", p.n_fft)
     preprocessor = PreprocessorConfig(
-        sample_rate=int(pre.get("sample_rate", nemo.get("sample_rate", p.sample_rate))),
-        window_size=float(pre.get("window_size", p.window_size)),
-        window_stride=float(pre.get("window_stride", p.window_stride)),
+        sample_rate=sample_rate,
+        window_size=window_size,
+        window_stride=window_stride,
         features=int(pre.get("features", p.features)),
-        n_fft=int(pre.get("n_fft", p.n_fft)),
+        # NeMo's default n_fft: the next power of two of the window
+        n_fft=int(n_fft) if n_fft else 2 ** math.ceil(math.log2(int(window_size * sample_rate))),
         preemph=float(pre.get("preemph", p.preemph)),
+        log_zero_guard_value=_log_zero_guard(pre.get("log_zero_guard_value", p.log_zero_guard_value)),
         dither=float(pre.get("dither", p.dither)),
         pad_to=int(pre.get("pad_to", p.pad_to)),
     )
@@ -105,11 +158,23 @@ def model_config_from_nemo(nemo: dict) -> ModelConfig:
         "d_model": d_model,
         "subsampling_conv_channels": d_model if channels == -1 else channels,
     })
-    combine = int(q.get("combine_time_steps", encoder.subsampling_factor))
-    if combine != encoder.subsampling_factor:
-        raise CheckpointError(f"quantizer.combine_time_steps={combine} must equal the subsampling factor")
+    if int(enc.get("feat_in", preprocessor.features)) != preprocessor.features:
+        raise CheckpointError(f"encoder.feat_in={enc['feat_in']} differs from preprocessor.features={preprocessor.features}")
+    post_conv = mask_position == "post_conv"
+    # post_conv: NeMo rewrites its config before saving it: feat_in of quantizer and masking become
+    # d_model, loss.combine_time_steps 1 and masking.block_size is divided by the subsampling factor.
+    expected_combine = 1 if post_conv else encoder.subsampling_factor
+    for section, values in (("quantizer", q), ("loss", loss)):
+        combine = int(values.get("combine_time_steps", expected_combine))
+        if combine != expected_combine:
+            raise CheckpointError(
+                f"{section}.combine_time_steps={combine} must be {expected_combine} with mask_position={mask_position}"
+                + (": with another value NeMo's targets are not aligned with its predictions" if post_conv else "")
+            )
     quantizer = QuantizerConfig(**{k: type(v)(q[k]) for k, v in asdict(QuantizerConfig()).items() if k in q})
     masking = MaskingConfig(**{k: type(v)(mask[k]) for k, v in asdict(MaskingConfig()).items() if k in mask})
+    if post_conv:
+        masking.block_size *= encoder.subsampling_factor  # ours counts mel frames, as NeMo's YAML does
     return ModelConfig(
         preprocessor=preprocessor,
         masking=masking,
@@ -117,6 +182,7 @@ def model_config_from_nemo(nemo: dict) -> ModelConfig:
         encoder=encoder,
         decoder_use_bias=bool(dec.get("use_bias", True)),
         mask_threshold=float(loss.get("mask_threshold", 0.8)),
+        mask_position=mask_position,
     )
 
 
@@ -241,7 +307,8 @@ def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     nemo_cfg, weights = _nemo_members(path)
     state = {k: v for k, v in weights.items() if k not in DERIVED_NEMO_KEYS}
     if not is_w2vbert_nemo(nemo_cfg):
-        return model_config_from_nemo(nemo_cfg), state
+        cfg = model_config_from_nemo(nemo_cfg)
+        return cfg, post_conv_keys(state) if cfg.mask_position == "post_conv" else state
     try:
         cfg = w2vbert_config_from_nemo(nemo_cfg)
     except CheckpointError as e:
@@ -268,6 +335,17 @@ class LoadReport:
     def __str__(self) -> str:
         encoder = sum(k.startswith("encoder.") for k in self.loaded)
         return f"{len(self.loaded)} tensors loaded ({encoder} of the encoder), {len(self.skipped)} not selected"
+
+
+def post_conv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NeMo's post_conv wraps the subsampling with the masking module inside the encoder and keeps a second
+    reference to the wrapper: the same tensors appear under three names. Keep ours, drop the aliases."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("pre_encoder.") or k.startswith("encoder.pre_encode.masking."):
+            continue  # aliases of encoder.pre_encode.pre_encode.* and mask_processor.*
+        out[k.replace("encoder.pre_encode.pre_encode.", "encoder.pre_encode.", 1)] = v
+    return out
 
 
 def load_weights(
@@ -374,6 +452,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
             objective=d.get("objective", "nest"),
             targets=d.get("targets", "random_projection"),
             w2vbert=W2vBertConfig(**d.get("w2vbert", {})),
+            mask_position=d.get("mask_position", "pre_conv"),
+            compile=d.get("compile", False),
         )
     except (KeyError, TypeError) as e:
         raise ConfigError(f"model config in checkpoint is not of this version: {e}") from None

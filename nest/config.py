@@ -44,9 +44,9 @@ class PreprocessorConfig:
 class MaskingConfig:
     """Random block masking of the (noisy) features before subsampling."""
 
-    block_size: int = 40  # frames (10 ms each) per masked block
+    block_size: int = 40  # mel frames (10 ms each); post_conv masks block_size // subsampling_factor frames
     mask_prob: float = 0.01  # probability that a block starts at a given frame
-    max_mask_ratio: float = 0.8  # shorter utterances get one 8-frame block instead
+    max_mask_ratio: float = 0.8  # kept for older configs: NeMo 3.0.0's overlapping masking does not use it
 
 
 @dataclass
@@ -68,6 +68,7 @@ class EncoderConfig:
     n_heads: int = 8  # attention heads
     subsampling_factor: int = 8  # frames per encoder step (8: 80 ms)
     subsampling_conv_channels: int = 256  # channels of the subsampling convolutions
+    subsampling_conv_chunking_factor: int = 1  # 1: split the batch only past 2^31 conv elements; 2^k: always; -1: never
     ff_expansion_factor: int = 4  # feed-forward width / d_model
     conv_kernel_size: int = 9  # depthwise convolution kernel (odd)
     conv_norm_type: str = "batch_norm"  # batch_norm | layer_norm
@@ -122,6 +123,8 @@ class ModelConfig:
     targets: str = "random_projection"  # random_projection (NEST's quantizer) | kmeans (cut.targets from prepare.py kmeans)
     decoder_use_bias: bool = True  # bias in the token decoder
     mask_threshold: float = 0.8  # a token counts as masked when more of its frames are masked
+    mask_position: str = "pre_conv"  # pre_conv: mask mel frames | post_conv: mask subsampled frames (NeMo's option)
+    compile: bool = False  # torch.compile the encoder (NestModel.compile_encoder) in training
     objective: str = "nest"  # nest | w2vbert
     w2vbert: W2vBertConfig = field(default_factory=W2vBertConfig)  # used when objective=w2vbert
 

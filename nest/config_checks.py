@@ -76,14 +76,15 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg, ["trainer.keep_last"], lambda v: v >= -1, "-1 (keep all) or a number of checkpoints >= 0")
     if data.min_duration > data.max_duration:
         raise ConfigError(f"data.min_duration={data.min_duration} is above data.max_duration={data.max_duration}")
-    for name in ("snr", "speech_snr", "mix_rate", "num_segments"):
+    for name in ("snr", "speech_snr", "mix_rate", "num_segments", "num_speakers"):
         pair = getattr(data.noise, name)
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(f"data.noise.{name}={pair}: give [low, high] with low <= high")
     if not 0 <= data.noise.mix_rate[0] <= data.noise.mix_rate[1] <= 1:
         raise ConfigError(f"data.noise.mix_rate={data.noise.mix_rate}: must lie within [0, 1]")
-    if data.noise.num_segments[0] < 1:
-        raise ConfigError(f"data.noise.num_segments={data.noise.num_segments}: at least 1 segment")
+    if data.noise.num_segments[0] < 1 or data.noise.num_speakers[0] < 1:
+        raise ConfigError(f"data.noise.num_segments={data.noise.num_segments}, num_speakers="
+                          f"{data.noise.num_speakers}: at least 1 each")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={cfg.optim.betas}: give [beta1, beta2], each in [0, 1)")
     if data.train_weights and len(data.train_weights) != len(data.train_cuts):
@@ -95,6 +96,14 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.encoder.conv_norm_type", enc.conv_norm_type, ("batch_norm", "layer_norm"))
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
+    _choice("model.mask_position", cfg.model.mask_position, ("pre_conv", "post_conv"))
+    if cfg.model.mask_position == "post_conv" and cfg.model.masking.block_size < enc.subsampling_factor:
+        raise ConfigError(f"model.masking.block_size={cfg.model.masking.block_size} is under one subsampled frame "
+                          f"(subsampling_factor={enc.subsampling_factor}) with mask_position=post_conv")
+    c = enc.subsampling_conv_chunking_factor
+    if c not in (-1, 1) and (c < 1 or c & (c - 1)):
+        raise ConfigError(f"model.encoder.subsampling_conv_chunking_factor={c}: use -1, 1 or a power of 2")
+    _choice("data.noise.snr_definition", data.noise.snr_definition, ("nemo", "segment"))
     _choice("model.objective", cfg.model.objective, ("nest", "w2vbert"))
     _choice("model.targets", cfg.model.targets, ("random_projection", "kmeans"))
     if cfg.model.targets == "kmeans" and cfg.model.objective != "nest":

@@ -22,9 +22,18 @@ class ConvSubsampling(nn.Module):
 
     A full conv then (depthwise, pointwise) pairs, each stride 2, with padded frames zeroed before
     every layer as NeMo's MaskedConvSequential does.
+
+    The first conv's output, (B, channels, T/2, feat_in/2), is the largest tensor of the model and
+    passes 2^31 elements at about 4,200 s of audio per batch (channels=256), where convolution
+    kernels index with 32 bits (pytorch#80020). As NeMo's ``subsampling_conv_chunking_factor``:
+    1 runs the batch in chunks of utterances only when that output would pass ``chunk_elements``;
+    a power of 2 always splits the batch into that many chunks; -1 never splits. Decided from
+    shapes alone, so it costs no host-device synchronisation.
     """
 
-    def __init__(self, feat_in: int, d_model: int, channels: int, factor: int):
+    chunk_elements = 2**31  # a class attribute so that tests can force chunking on small inputs
+
+    def __init__(self, feat_in: int, d_model: int, channels: int, factor: int, chunking_factor: int = 1):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.ReLU()]
         for _ in range(int(math.log2(factor)) - 1):
@@ -34,12 +43,26 @@ class ConvSubsampling(nn.Module):
                 nn.ReLU(),
             ]
         self.conv = nn.Sequential(*layers)
+        self.channels = channels
+        self.chunking_factor = chunking_factor
         freq = feat_in
         for _ in range(int(math.log2(factor))):
             freq = (freq - 1) // 2 + 1
         self.out = nn.Linear(channels * freq, d_model)
 
-    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_size(self, batch: int, frames: int, feat_in: int) -> int:
+        """Utterances per chunk for a (batch, frames, feat_in) input; ``batch`` when no split is needed."""
+        if self.chunking_factor == -1:
+            return batch
+        if self.chunking_factor > 1:
+            return max(1, batch // self.chunking_factor)
+        per_utterance = self.channels * ((frames - 1) // 2 + 1) * ((feat_in - 1) // 2 + 1)
+        if batch * per_utterance <= self.chunk_elements:
+            return batch
+        # One utterance past the limit alone (over an hour of audio) cannot be split by utterance.
+        return max(1, self.chunk_elements // per_utterance)
+
+    def _conv(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x[:, None]  # (B, 1, T, F)
         for layer in self.conv:
             if isinstance(layer, nn.Conv2d):
@@ -50,6 +73,15 @@ class ConvSubsampling(nn.Module):
             else:
                 x = layer(x)
         x = x * lengths_to_mask(lens, x.shape[2])[:, None, :, None].to(x.dtype)
+        return x, lens  # (B, C, T', F')
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.chunk_size(*x.shape)
+        if size >= x.shape[0]:
+            x, lens = self._conv(x, lens)
+        else:
+            parts = [self._conv(xc, lc) for xc, lc in zip(x.split(size), lens.split(size))]
+            x, lens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lens
 
@@ -195,16 +227,28 @@ class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, feat_in: int):
         super().__init__()
         self.cfg = cfg
-        self.pre_encode = ConvSubsampling(feat_in, cfg.d_model, cfg.subsampling_conv_channels, cfg.subsampling_factor)
+        self.pre_encode = ConvSubsampling(
+            feat_in, cfg.d_model, cfg.subsampling_conv_channels, cfg.subsampling_factor,
+            cfg.subsampling_conv_chunking_factor,
+        )
         xscale = math.sqrt(cfg.d_model) if cfg.xscaling else None
         self.pos_enc = RelPositionalEncoding(cfg.d_model, cfg.dropout_pre_encoder, cfg.dropout_emb, xscale)
         self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.n_layers))
         self.layer_drop_probs = stochastic_depth_probs(cfg)
 
     def forward(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor, return_layers: bool = False
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, return_layers: bool = False,
+        bypass_pre_encode: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, lens = self.pre_encode(feats.transpose(1, 2), feat_lens)  # (B, T', D)
+        """Features (B, feat_in, T) -> (B, D, T'), lengths[, one (B, D, T') per layer].
+
+        With ``bypass_pre_encode``, ``feats`` is already subsampled, (B, T', D) (NeMo's argument of
+        that name; post-convolution masking masks there).
+        """
+        if bypass_pre_encode:
+            x, lens = feats, feat_lens
+        else:
+            x, lens = self.pre_encode(feats.transpose(1, 2), feat_lens)  # (B, T', D)
         x, pos_emb = self.pos_enc(x)
         valid = lengths_to_mask(lens, x.shape[1])  # (B, T')
         att_mask = ~(valid[:, :, None] & valid[:, None, :])  # (B, T', T')
@@ -214,10 +258,10 @@ class ConformerEncoder(nn.Module):
             residual = x
             x = layer(x, pos_emb, att_mask, pad_mask)
             if self.training and drop_prob > 0.0:
-                if torch.rand(1).item() < drop_prob:
-                    x = residual + 0.0 * x  # keeps every parameter in the graph for DDP
-                else:
-                    x = (x - residual) / (1.0 - drop_prob) + residual
+                # NeMo's stochastic depth, decided on the device (no .item()): a dropped layer adds
+                # 0 * its output (every parameter stays in the graph for DDP), a kept one is rescaled.
+                keep = (torch.rand(1, device=x.device) >= drop_prob).to(x.dtype)
+                x = (x - residual) * keep / (1.0 - drop_prob) + residual
             if return_layers:
                 hidden.append(x.transpose(1, 2))
         out = x.transpose(1, 2)

@@ -132,6 +132,10 @@ class NestLightningModule(pl.LightningModule):
         extra = {} if batch.targets is None else {"targets": batch.targets}
         return self.model(batch.audio, batch.audio_lens, batch.noisy_audio, batch.audio_lens, **extra)
 
+    def on_fit_start(self) -> None:
+        if self.model_cfg.compile:  # after the move to the device; DDP wraps the module, the encoder compiles inside
+            self.model.compile_encoder()
+
     def on_train_start(self) -> None:
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
         self._norm_buffers = norm_buffers(self.model)

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from nest.config import ModelConfig
 from nest.conformer import ConformerEncoder
-from nest.features import MelFeatures
+from nest.features import MelFeatures, lengths_to_mask
 from nest.masking import RandomBlockMasking
 from nest.quantizer import RandomProjectionQuantizer
 
@@ -21,10 +21,11 @@ class NestOutput:
 
     log_probs: torch.Tensor  # (B, T', C, N)
     encoded_lens: torch.Tensor  # (B,)
-    tokens: torch.Tensor  # (B, T', N) targets from the clean audio
+    tokens: torch.Tensor  # (B, T', N) targets: from the clean audio, or k-means labels (-1: no label)
     frame_mask: torch.Tensor  # (B, T) bool, masked feature frames
     token_mask: torch.Tensor  # (B, T') bool, tokens that count in the loss
     loss: torch.Tensor  # scalar
+    mask_lens: Optional[torch.Tensor] = None  # (B,) valid frames of frame_mask's time axis
 
 
 class MultiSoftmaxDecoder(nn.Module):
@@ -52,23 +53,27 @@ def token_mask_from_frames(frame_mask: torch.Tensor, combine: int, threshold: fl
 
 def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss); a target of -1 (a
-    k-means label position without a label) is left out."""
+    k-means label position without a label) is left out.
+
+    A weighted mean rather than boolean indexing, so that it costs no host-device synchronisation;
+    with nothing masked it is 0 (no signal, but finite and in the graph), where NeMo's is NaN.
+    """
     T = min(log_probs.shape[1], tokens.shape[1], token_mask.shape[1])
     tokens = tokens[:, :T]
     nll = -log_probs[:, :T].gather(2, tokens.clamp(min=0)[:, :, None, :]).squeeze(2)  # (B, T', N)
-    w = (token_mask[:, :T, None] & (tokens >= 0)).to(nll.dtype)
-    # A weighted mean, not boolean indexing: no host sync. Nothing masked gives 0, still in the graph.
-    return (nll * w).sum() / w.sum().clamp(min=1)
+    sel = token_mask[:, :T, None] & (tokens >= 0)  # (B, T', N)
+    return torch.where(sel, nll, 0.0).sum() / sel.sum().clamp(min=1)
 
 
 def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks; one
+    scatter for all codebooks, -1 (no label) left out."""
     flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
     weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
-    weights = weights * (flat >= 0)  # -1: no label
+    weights = weights * (flat >= 0)
     counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat.clamp(min=0), weights)
     p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
+    return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
 
 
 class NestModel(nn.Module):
@@ -79,13 +84,33 @@ class NestModel(nn.Module):
         self.cfg = cfg
         enc, q = cfg.encoder, cfg.quantizer
         feat_in = cfg.preprocessor.features
+        self.post_conv = cfg.mask_position == "post_conv"
         self.preprocessor = MelFeatures(cfg.preprocessor)
         # With model.targets=kmeans the targets are data (cut.targets, prepare.py kmeans): no quantizer.
-        self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor) \
-            if cfg.targets == "random_projection" else None
-        self.mask_processor = RandomBlockMasking(cfg.masking, feat_in)
+        quantize = cfg.targets == "random_projection"
+        if self.post_conv:
+            # NeMo's post_conv: tokens from the subsampled clean features, one per encoder frame, and
+            # masks of block_size // subsampling_factor subsampled frames.
+            self.quantizer = RandomProjectionQuantizer(q, enc.d_model, 1) if quantize else None
+            self.mask_processor = RandomBlockMasking(cfg.masking, enc.d_model,
+                                                     cfg.masking.block_size // enc.subsampling_factor)
+        else:
+            self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor) if quantize else None
+            self.mask_processor = RandomBlockMasking(cfg.masking, feat_in)
         self.encoder = ConformerEncoder(enc, feat_in)
+        if self.post_conv:
+            # NeMo detaches the masked subsampled features, so the subsampling never learns: it stays
+            # a fixed random feature extractor, like the quantizer, and the targets cannot drift.
+            # Frozen here, which is the same and keeps DDP free of parameters without gradients.
+            self.encoder.pre_encode.requires_grad_(False)
         self.decoder = MultiSoftmaxDecoder(enc.d_model, q.num_classes, q.num_books, cfg.decoder_use_bias)
+
+    def compile_encoder(self, **kwargs) -> None:
+        """Compile the encoder in place with torch.compile (``model.compile``); state dict keys are kept.
+
+        The first steps of each new input shape are slow while it compiles; ``kwargs`` go to torch.compile.
+        """
+        self.encoder.compile(**kwargs)
 
     def forward(
         self,
@@ -99,29 +124,68 @@ class NestModel(nn.Module):
     ) -> NestOutput:
         """Clean ``audio`` (B, S) gives targets; ``noisy_audio`` (B, S) is masked and encoded.
 
-        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw). ``targets`` (B, T', N),
-        -1 where there is no label, replace the quantizer's tokens (model.targets=kmeans).
+        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw); T is the mel
+        frames, or the subsampled frames with ``mask_position=post_conv``. ``targets`` (B, T', N), -1 where
+        there is no label, replace the quantizer's tokens (model.targets=kmeans).
         """
+        if targets is None and self.quantizer is None:
+            raise ValueError("model.targets=kmeans: the batch carries no targets (train on cuts from prepare.py kmeans)")
+        if targets is None:
+            feats, feat_lens = self.preprocessor(audio, audio_lens)
+        noisy_feats, noisy_lens = self.preprocessor(noisy_audio, noisy_audio_lens)
+        if self.post_conv:
+            if targets is None:
+                with torch.no_grad():
+                    clean, _ = self.encoder.pre_encode(feats.transpose(1, 2), feat_lens)  # (B, T', D)
+                tokens = self.quantizer(clean.transpose(1, 2))
+            x, mask_lens = self.encoder.pre_encode(noisy_feats.transpose(1, 2), noisy_lens)
+            x = x.transpose(1, 2)  # (B, D, T')
+        else:
+            if targets is None:
+                tokens = self.quantizer(feats)
+            x, mask_lens = noisy_feats, noisy_lens
         if targets is not None:
             tokens = targets
-        elif self.quantizer is None:
-            raise ValueError("model.targets=kmeans: the batch carries no targets (train on cuts from prepare.py kmeans)")
-        else:
-            feats, _ = self.preprocessor(audio, audio_lens)
-            tokens = self.quantizer(feats)
-        noisy_feats, noisy_lens = self.preprocessor(noisy_audio, noisy_audio_lens)
         if frame_mask is None:
             if apply_mask:
-                frame_mask = self.mask_processor.sample(noisy_lens, noisy_feats.shape[-1])
+                frame_mask = self.mask_processor.sample(mask_lens, x.shape[-1])
             else:
-                frame_mask = torch.zeros(noisy_feats.shape[0], noisy_feats.shape[-1], dtype=torch.bool,
-                                         device=noisy_feats.device)
-        masked = self.mask_processor.apply(noisy_feats, frame_mask)
-        encoded, encoded_lens = self.encoder(masked, noisy_lens)
+                frame_mask = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.bool, device=x.device)
+        masked = self.mask_processor.apply(x, frame_mask)
+        if self.post_conv:
+            encoded, encoded_lens = self.encoder(masked.transpose(1, 2), mask_lens, bypass_pre_encode=True)
+            combine = 1
+        else:
+            encoded, encoded_lens = self.encoder(masked, noisy_lens)
+            combine = self.cfg.encoder.subsampling_factor
         log_probs = self.decoder(encoded)
-        token_mask = token_mask_from_frames(frame_mask, self.cfg.encoder.subsampling_factor, self.cfg.mask_threshold)
+        token_mask = token_mask_from_frames(frame_mask, combine, self.cfg.mask_threshold)
         loss = masked_token_loss(log_probs, tokens, token_mask)
-        return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss)
+        return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss, mask_lens)
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalar tensors for logging steps only (computing them every step would waste device time).
+
+        masked_accuracy: share of masked tokens (all codebooks) predicted right; target_perplexity:
+        exp(entropy) of the target tokens of valid frames, averaged over codebooks (codes in use);
+        masked_fraction: share of valid frames masked. No host-device synchronisation.
+        """
+        T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
+        tokens = out.tokens[:, :T]  # (B, T', N)
+        sel = out.token_mask[:, :T, None] & (tokens >= 0)  # (B, T', N)
+        correct = (out.log_probs[:, :T].argmax(2) == tokens) & sel
+        accuracy = correct.sum() / sel.sum().clamp(min=1)
+        valid = lengths_to_mask(out.encoded_lens, tokens.shape[1])  # (B, T')
+        perplexity = codebook_perplexity(tokens, self.cfg.quantizer.num_classes, valid)
+        metrics = {"masked_accuracy": accuracy, "target_perplexity": perplexity}
+        if out.mask_lens is not None:
+            frames = lengths_to_mask(out.mask_lens, out.frame_mask.shape[1])
+            metrics["masked_fraction"] = (out.frame_mask & frames).sum() / frames.sum().clamp(min=1)
+        return metrics
+
+    def set_num_updates(self, step: int) -> None:
+        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
 
     @torch.no_grad()
     def encode(
@@ -130,23 +194,6 @@ class NestModel(nn.Module):
         """Unmasked encoder output for audio (B, S): (B, D, T'), lengths[, one (B, D, T') per layer]."""
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
-
-    def set_num_updates(self, step: int) -> None:
-        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
-
-    @torch.no_grad()
-    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
-        """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""
-        T = min(out.log_probs.shape[1], out.tokens.shape[1])
-        sel = out.token_mask[:, :T, None]
-        sel = sel & (out.tokens[:, :T] >= 0)  # (B, T', N)
-        correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]) & sel
-        valid = torch.arange(T, device=sel.device)[None] < out.encoded_lens[:, None]
-        return {
-            "masked_accuracy": correct.sum() / sel.sum().clamp(min=1),
-            "target_perplexity": codebook_perplexity(out.tokens[:, :T], self.cfg.quantizer.num_classes, valid),
-            "masked_fraction": out.frame_mask.float().mean(),
-        }
 
 
 def noam_lambda(d_model: int, warmup_steps: int, base_lr: float, min_lr: float):
@@ -169,4 +216,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
     }
-

@@ -128,6 +128,10 @@ class W2vBertModel(nn.Module):
             self.mlm_decoder = MultiSoftmaxDecoder(enc.d_model, w.codebook_size**w.num_groups + 1, 1, True)
         self.num_updates = 0
 
+    def compile_encoder(self, **kwargs) -> None:
+        """Compile the encoder in place with torch.compile (``model.compile``); state dict keys are kept."""
+        self.encoder.compile(**kwargs)
+
     def set_num_updates(self, step: int) -> None:
         """The training step: sets the Gumbel temperature and whether the MLM loss counts yet."""
         self.num_updates = step

@@ -33,9 +33,8 @@ def test_batches_hold_clean_noise_noisy_with_consistent_lengths(tiny_corpus):
     for item in sampler:
         b = ds[item]
         B, S = b.audio.shape
-        assert b.noise.shape == b.noisy_audio.shape == (B, S)
-        assert torch.equal(b.audio_lens, b.noisy_audio_lens) and torch.equal(b.audio_lens, b.noise_lens)
-        assert int(b.audio_lens.max()) == S
+        assert b.noise.shape == b.noisy_audio.shape == (B, S)  # clean and noise travel; noisy is formed from them
+        assert int(b.audio_lens.max()) == S and b.audio_seconds == pytest.approx(int(b.audio_lens.sum()) / 16000)
         assert torch.equal(b.noisy_audio, b.audio + b.noise)
         for i, L in enumerate(b.audio_lens.tolist()):
             assert b.audio[i, L:].abs().sum() == 0 and b.noise[i, L:].abs().sum() == 0
@@ -56,7 +55,7 @@ def noise_sets(tiny_corpus, real):
 
 
 @pytest.mark.parametrize("segments", [[1, 1], [1, 3]])
-def test_snr_of_mixed_segments_matches_drawn_value(tiny_corpus, segments, request):
+def test_segment_snr_of_each_piece_matches_drawn_value(tiny_corpus, segments, request):
     real = None
     try:
         real = request.getfixturevalue("real_data")
@@ -70,7 +69,7 @@ def test_snr_of_mixed_segments_matches_drawn_value(tiny_corpus, segments, reques
             for cut in mixer(speech, random.Random(7)):
                 snr = cut.tracks[1].snr
                 assert all(t.snr == snr for t in cut.tracks[1:])
-                clean, added = load_clean_and_noise(cut)
+                clean, added = load_clean_and_noise(cut, snr_definition="segment")
                 p_clean = np.mean(clean.astype(np.float64) ** 2)
                 covered = np.zeros(len(added), dtype=bool)
                 for t in cut.tracks[1:]:  # each mixed segment (piece) on its own
