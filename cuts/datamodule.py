@@ -32,7 +32,7 @@ from lhotse.serialization import deserialize_item
 
 from cuts.bins import Bins
 from cuts.config import DataConfig
-from cuts.dataset import NestDataset, at_rate, load_mono
+from cuts.dataset import NestDataset, at_rate, keep_freed_memory, load_mono
 from cuts.noise import NoiseMixer
 from cuts.sampler import (NO_BATCH, DurationFilter, EpochSampler, NoBatchError, build_sampler, combine_cuts,
                           open_cuts)
@@ -75,8 +75,9 @@ def load_noise(sources: list[str], sample_rate: int, seed: int) -> PackedCuts:
     return noise
 
 
-class WorkerSeeder:
-    """Seeds Python, NumPy and torch in each dataloader worker from (run seed, rank, worker id)."""
+class WorkerInit:
+    """Seeds Python, NumPy and torch in each dataloader worker from (run seed, rank, worker id), and lets the
+    worker reuse the memory of its past batches (cuts.dataset.keep_freed_memory)."""
 
     def __init__(self, seed: int, rank: int):
         self.seed, self.rank = seed, rank
@@ -86,6 +87,7 @@ class WorkerSeeder:
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
+        keep_freed_memory()
 
 
 class SkipFirst:
@@ -195,7 +197,7 @@ class NestDataModule(pl.LightningDataModule):
         cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return torch.utils.data.DataLoader(
             dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers,
-            worker_init_fn=WorkerSeeder(seed, rank), persistent_workers=False, pin_memory=cuda,
+            worker_init_fn=WorkerInit(seed, rank), persistent_workers=False, pin_memory=cuda,
             prefetch_factor=2 if self.cfg.num_workers > 0 else None,
         )
 
