@@ -122,7 +122,7 @@ class Worker:
             sys.path.insert(0, str(ROOT))
             from lhotse import CutSet
 
-            from benchmarks.dataloader import load_with_batch_loader, raw_decode
+            from benchmarks.dataloader import raw_decode
             from cuts.config import NoiseConfig
             from cuts.dataset import NestDataset, SamplerItem
             from cuts.noise import NoiseMixer
@@ -134,9 +134,12 @@ class Worker:
             def step():
                 model(self.audio, self.lens, self.audio, self.lens).loss.backward()
 
+            from cuts.dataset import keep_freed_memory
+
+            keep_freed_memory()  # as this project's dataloader workers run
             noise = list(CutSet.from_file(self.setup["noise_cuts"]))
             ds = NestDataset(16000, NoiseMixer(NoiseConfig(), noise), seed=0)
-            self.load = lambda index, batch: load_with_batch_loader(ds, SamplerItem(cuts=batch, index=index))
+            self.load = lambda index, batch: ds[SamplerItem(cuts=batch, index=index)]
             self.raw = lambda index, batch: raw_decode(SamplerItem(cuts=batch, index=index))
         self.model = model
         self.step = step
