@@ -115,6 +115,11 @@ def _check_nemo_options(nemo: dict) -> None:
                               f"asymmetric convolution context (streaming) is not implemented")
 
 
+def _require(section: dict, key: str, allowed: Iterable[Any], where: str) -> None:
+    if key in section and section[key] not in allowed:
+        raise CheckpointError(f"{where}.{key}={section[key]!r} is not supported here (supported: {list(allowed)})")
+
+
 def _log_zero_guard(value) -> float:
     """NeMo's log_zero_guard_value: a number, or 'tiny' / 'eps' of float32."""
     if value in ("tiny", "eps"):
