@@ -17,7 +17,6 @@ from typing import Iterator, Optional, Sequence
 from lhotse import Recording, SupervisionSegment
 from lhotse.cut import Cut
 from lhotse.serialization import deserialize_item
-from lhotse.utils import fastcopy
 from tqdm import tqdm
 
 from cuts.io import ExternalShuffle, iter_jsonl
@@ -140,10 +139,13 @@ def _check_group(rec: Recording, source: str, min_duration: float):
     return check_recording(rec, source, min_duration)
 
 
-def absolute_sources(rec: Recording) -> Recording:
-    """``rec`` with its file sources made absolute and resolved (relative ones start at the current folder)."""
-    sources = [fastcopy(s, source=str(Path(s.source).resolve())) if s.type == "file" else s for s in rec.sources]
-    return fastcopy(rec, sources=sources)
+def make_absolute(rec: Recording) -> Recording:
+    """``rec`` with its relative file sources made absolute and resolved against the current folder, in
+    place (absolute ones are kept as given: checking them would cost a file-system lookup per cut)."""
+    for s in rec.sources:
+        if s.type == "file" and not os.path.isabs(s.source):
+            s.source = str(Path(s.source).resolve())
+    return rec
 
 
 def write_validated(
@@ -159,8 +161,10 @@ def write_validated(
                 for where, cut in group:
                     writer.reject(Rejection(where, NO_RECORDING, f"cut {cut.id!r} ({type(cut).__name__})", where))
                 continue
-            rec = absolute_sources(group[0][1].recording)
-            yield (rec, rec.sources[0].source, 0.0), [(where, fastcopy(cut, recording=rec)) for where, cut in group]
+            rec = make_absolute(group[0][1].recording)
+            for _, cut in group:
+                cut.recording = rec  # one checked recording for the run (each cut was read with its own copy)
+            yield (rec, rec.sources[0].source, 0.0), group
 
     for group, result in tqdm(parallel_map(_check_group, runs(), jobs), desc=desc, unit=" recordings"):
         for where, cut in group:
