@@ -50,17 +50,22 @@ class Rejection:
         return f"{self.kind}: {self.detail}" if self.detail else self.kind
 
 
-def folder_ids(names: Iterable[str]) -> dict[str, str]:
-    """Id of each audio file of one folder (names without the folder): its stem, or its whole name
-    where another audio file of the folder has the same stem (or a stem equal to that name)."""
+def whole_names(names: Iterable[str]) -> set[str]:
+    """The audio file names of one folder whose id keeps the extension: those whose stem another file
+    shares, and those whose stem equals such a kept name (x.wav.flac beside x.wav and x.flac)."""
     names = list(names)
     stems = Counter(Path(n).stem for n in names)
     whole = {n for n in names if stems[Path(n).stem] > 1}
-    while True:  # a stem may equal a whole name kept above (x.wav beside x.wav.flac): keep that one whole too
+    while True:
         clash = {n for n in names if n not in whole and Path(n).stem in whole}
         if not clash:
-            return {n: n if n in whole else Path(n).stem for n in names}
+            return whole
         whole |= clash
+
+
+def file_id(name: str, whole: set[str]) -> str:
+    """The id part of one file name: the name itself when it is in ``whole``, else its stem."""
+    return name if name in whole else Path(name).stem
 
 
 def is_audio(name: str) -> bool:
@@ -73,9 +78,10 @@ def find_audio(src: Path) -> Iterator[tuple[Path, str]]:
     for root, dirs, files in os.walk(src):
         dirs.sort()
         rel = Path(root).relative_to(src)
-        ids = folder_ids(n for n in files if is_audio(n))
-        for name in sorted(ids):
-            yield Path(root) / name, (rel / ids[name]).as_posix()
+        names = sorted(n for n in files if is_audio(n))
+        whole = whole_names(names)
+        for name in names:
+            yield Path(root) / name, (rel / file_id(name, whole)).as_posix()
 
 
 def recording_to_cut(rec: Recording, channel: str) -> Union[MonoCut, MultiCut]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cuts.io import ExternalShuffle, iter_jsonl
 from cuts.prepare import (
     BAD_LINE, DURATION_TOLERANCE, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
-    check_recording, finish, folder_ids, is_audio, parallel_map, probe, recording_to_cut,
+    check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class NemoIds:
                 names = [n for n in os.listdir(folder) if is_audio(n)]
             except OSError:
                 names = []
-            self.whole_names[folder] = frozenset(n for n, i in folder_ids(names).items() if i == n)
+            self.whole_names[folder] = frozenset(whole_names(names))
         rel = Path(os.path.relpath(path, self.root))
-        return (rel if name in self.whole_names[folder] else rel.with_name(Path(name).stem)).as_posix()
+        return rel.with_name(file_id(name, self.whole_names[folder])).as_posix()
 
 
 def nemo_segments(manifest: Path, ids: NemoIds, writer: SetWriter) -> Iterator[tuple[str, str, dict]]:

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 from lhotse import CutSet
 
-from cuts.prepare import folder_ids, prepare_audio_dir
+from cuts.prepare import file_id, prepare_audio_dir, whole_names
 from cuts.sampler import open_cuts
 from cuts.sources import export_shar, prepare_nemo_manifests
 
@@ -35,7 +35,12 @@ def loaded_durations(cuts_path: Path) -> dict[str, float]:
     return {c.id: c.load_audio().shape[-1] / c.sampling_rate for c in CutSet.from_file(cuts_path)}
 
 
-def test_folder_ids_unique_by_construction():
+def folder_ids(names):
+    whole = whole_names(names)
+    return {n: file_id(n, whole) for n in names}
+
+
+def test_file_ids_unique_by_construction():
     assert folder_ids(["001.wav", "002.flac"]) == {"001.wav": "001", "002.flac": "002"}
     assert folder_ids(["x.wav", "x.flac"]) == {"x.wav": "x.wav", "x.flac": "x.flac"}
     # x.wav keeps its extension (x.flac), so x.wav.flac, whose stem is "x.wav", must keep its own
