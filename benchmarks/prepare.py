@@ -10,8 +10,13 @@ recordings: no audio behind them, so the audio check is replaced by a pass-throu
 each command runs as its own process and reports its wall time and peak resident memory:
 ``manifest`` (``prepare.py manifest``: check, shuffle, duplicates, summary), ``split`` (``--dev-fraction
 0.01``), ``bins`` (30 buckets + PNG) and ``report`` (one epoch of the training sampler, 600 s batches).
+``--nemo-lines``: ``prepare.py nemo-manifest`` over that many segment lines (1 s each, 5 ms apart) of
+200 generated 30 s FLAC files, each file checked once for its run of lines.
 ``--compare-with`` runs the same commands from another checkout (e.g. the main branch) in the same run,
-for ratios measured side by side; commands that checkout lacks are left out.
+for ratios measured side by side; commands that checkout lacks report their error.
+``peak_rss_mib`` is the process's peak; ``rss_after_imports_mib`` its size before the command ran
+(Python, torch and lhotse), so their difference is what the command itself held.
+A count of 0 skips that part.
 """
 from __future__ import annotations
 
@@ -42,11 +47,13 @@ sys.path.insert(0, sys.argv[1])
 import cuts.sources
 cuts.sources.check_recording = lambda rec, source, min_duration, check_audio=True: rec
 from cuts.cli import main
+import cuts.report, cuts.split  # imported before the count, as the commands would
+rss = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+imported = rss()
 t0 = time.perf_counter()
 rc = main(sys.argv[2:])
-print("BENCH " + json.dumps({"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-                             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}),
-      file=sys.stderr)
+print("BENCH " + json.dumps({"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": rss(),
+                             "rss_after_imports_mib": imported}), file=sys.stderr)
 """
 
 
@@ -83,6 +90,21 @@ def bench_files(n: int, jobs: int, tmp: Path) -> float:
     return n / elapsed
 
 
+def write_nemo_manifest(path: Path, lines: int, tmp: Path, files: int = 200) -> None:
+    """``lines`` NeMo segment lines over ``files`` generated 30 s files, consecutive per file."""
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        audio = tmp / "nemo_audio" / f"spk{i % 10}" / f"{i:04d}.flac"
+        audio.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(audio, (0.1 * rng.standard_normal(30 * 16000)).astype(np.float32), 16000)
+    per_file = -(-lines // files)
+    with open(path, "w") as f:
+        for n in range(lines):
+            i, k = divmod(n, per_file)
+            f.write(json.dumps({"audio_filepath": f"nemo_audio/spk{i % 10}/{i:04d}.flac", "offset": round(k * 0.005, 3),
+                                "duration": 1.0, "text": "x"}) + "\n")
+
+
 def run_child(checkout: Path, argv: list[str]) -> dict:
     """One prepare.py command of ``checkout`` in its own process: its seconds and peak RSS (MiB)."""
     result = subprocess.run([sys.executable, "-c", CHILD, str(checkout), *argv], capture_output=True, text=True,
@@ -110,19 +132,26 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cuts", type=int, default=1_000_000)
+    ap.add_argument("--nemo-lines", type=int, default=0)
     ap.add_argument("--compare-with", type=Path, default=None, help="another checkout of this project")
     args = ap.parse_args()
-    result = {"files": args.files, "jobs": args.jobs, "cuts": args.cuts}
+    result = {"files": args.files, "jobs": args.jobs, "cuts": args.cuts, "nemo_lines": args.nemo_lines}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.files:
             result["files_per_s"] = round(bench_files(args.files, args.jobs, tmp), 1)
-        manifest = tmp / "cuts.jsonl.gz"
-        write_manifest(manifest, args.cuts)
-        result["this"] = bench_commands(ROOT, manifest, tmp)
-        if args.compare_with:
-            result["compare_with"] = {"checkout": str(args.compare_with),
-                                      **bench_commands(args.compare_with.resolve(), manifest, tmp)}
+        checkouts = {"this": ROOT} | ({"compare_with": args.compare_with.resolve()} if args.compare_with else {})
+        if args.cuts:
+            manifest = tmp / "cuts.jsonl.gz"
+            write_manifest(manifest, args.cuts)
+            for key, checkout in checkouts.items():
+                result.setdefault(key, {"checkout": str(checkout)}).update(bench_commands(checkout, manifest, tmp))
+        if args.nemo_lines:
+            nemo = tmp / "train.json"
+            write_nemo_manifest(nemo, args.nemo_lines, tmp)
+            for key, checkout in checkouts.items():
+                result.setdefault(key, {"checkout": str(checkout)})["nemo_manifest"] = run_child(
+                    checkout, ["nemo-manifest", str(nemo), str(tmp / checkout.name / "nemo"), "--min-duration", "0"])
     result |= {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     print(json.dumps(result))
 

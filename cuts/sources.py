@@ -100,7 +100,7 @@ def prepare_nemo_manifests(
             raise FileNotFoundError(f"NeMo manifest {m} does not exist")
     ids = NemoIds(manifests)
     with SetWriter(out_dir, seed) as writer:
-        lines = itertools.chain.from_iterable(nemo_segments(Path(m), ids, writer) for m in manifests)
+        lines = itertools.chain.from_iterable(nemo_segments(m, ids, writer) for m in ids.manifests)
         groups = (((Path(path), rec_id, 0.0), [s for _, _, s in group])
                   for (path, rec_id), group in itertools.groupby(lines, key=lambda x: x[:2]))
         for segments, rec in tqdm(parallel_map(probe, groups, jobs), desc="nemo-manifest", unit=" files"):
