@@ -14,6 +14,7 @@ each command runs as its own process and reports its wall time and peak resident
 200 generated 30 s FLAC files, each file checked once for its run of lines.
 ``--compare-with`` runs the same commands from another checkout (e.g. the main branch) in the same run,
 for ratios measured side by side; commands that checkout lacks report their error.
+``seconds`` is wall time, ``cpu_seconds`` the process's CPU time (steadier on a shared machine);
 ``peak_rss_mib`` is the process's peak; ``rss_after_imports_mib`` its size before the command ran
 (Python, torch and lhotse), so their difference is what the command itself held.
 A count of 0 skips that part.
@@ -50,9 +51,12 @@ from cuts.cli import main
 import cuts.report, cuts.split  # imported before the count, as the commands would
 rss = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 imported = rss()
+cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t0 = time.perf_counter()
 rc = main(sys.argv[2:])
-print("BENCH " + json.dumps({"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": rss(),
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print("BENCH " + json.dumps({"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+                             "cpu_seconds": round(usage.ru_utime + usage.ru_stime - cpu0, 1), "peak_rss_mib": rss(),
                              "rss_after_imports_mib": imported}), file=sys.stderr)
 """
 
