@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Build what training reads: CutSets, noise sets, duration bins (and later Shar, batch sizes).
+"""Build what training reads: CutSets, noise sets, duration bins, Shar shards, batch sizes, k-means targets.
 
-  python prepare.py audio-dir SRC_DIR OUT_DIR [--channel first|mix] [--min-duration S] [--window S]
-  python prepare.py bins CUTS.jsonl.gz --buckets 30 --out bins.yaml
+  python prepare.py audio-dir SRC_DIR OUT_DIR          # one command per kind of input; --help lists them
+  python prepare.py bins OUT_DIR/train.jsonl.gz --out bins.yaml
 """
 import sys
 
-from cuts.cli import main
+from nest.prepare_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

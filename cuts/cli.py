@@ -6,10 +6,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
-from lhotse import CutSet
-
-from cuts.bins import Bins, estimate_bins, plot_bins
+from cuts.bins import MIN_CUTS_PER_BUCKET, Bins, bins_from_durations, manifest_durations, plot_bins
+from cuts.config import DataConfig
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
 
@@ -20,7 +20,7 @@ def cmd_audio_dir(args) -> dict:
 
 def set_options(args) -> dict:
     return dict(channel=args.channel, min_duration=args.min_duration, max_duration=args.max_duration,
-                window=args.window, jobs=args.jobs)
+                window=args.window, jobs=args.jobs, seed=args.seed)
 
 
 def cmd_nemo_manifest(args) -> dict:
@@ -39,59 +39,67 @@ def cmd_recipe(args) -> dict:
 
 
 def cmd_noise(args) -> dict:
-    """A noise set from a folder, a NeMo manifest (.json) or a Lhotse manifest, by what SRC is."""
-    src = Path(args.src)
-    if src.is_dir():
-        return prepare_audio_dir(src, Path(args.out), **set_options(args))
-    if src.name.endswith((".jsonl.gz", ".jsonl")) and not src.name.endswith(".json"):
-        return prepare_lhotse_manifest([src], Path(args.out), **set_options(args))
-    if src.suffix == ".json":
-        return prepare_nemo_manifests([src], Path(args.out), **set_options(args))
-    raise FileNotFoundError(f"{src}: give a folder, a NeMo manifest (.json) or a Lhotse manifest (.jsonl.gz)")
+    """A noise set from a folder, NeMo manifests (.json) or Lhotse manifests, by what SRC is."""
+    srcs = [Path(s) for s in args.src]
+    if len(srcs) == 1 and srcs[0].is_dir():
+        return prepare_audio_dir(srcs[0], Path(args.out), **set_options(args))
+    if all(s.name.endswith((".jsonl.gz", ".jsonl")) for s in srcs):
+        return prepare_lhotse_manifest(srcs, Path(args.out), **set_options(args))
+    if all(s.suffix == ".json" for s in srcs):
+        return prepare_nemo_manifests(srcs, Path(args.out), **set_options(args))
+    raise FileNotFoundError(f"{' '.join(map(str, srcs))}: give one folder, NeMo manifests (.json) or Lhotse "
+                            "manifests (.jsonl.gz)")
 
 
 def cmd_shar(args) -> dict:
-    return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size)
+    return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size, seed=args.seed)
 
 
-def cmd_calibrate(args) -> dict:
-    from nest.calibrate import run_calibration
-    from nest.config import load_config
+def cmd_split(args) -> dict:
+    from cuts.split import split_cuts
 
-    cfg = load_config(args.config, args.overrides)
-    uppers = Bins.load(args.bins).upper
-    results = run_calibration(
-        cfg.model, uppers, args.out, memory_fraction=args.memory_fraction, memory_budget_gib=args.memory_budget_gib,
-        precision=args.precision, gap=args.gap, ddp_allowance=not args.no_ddp_allowance, device=args.device,
-    )
-    return {"out": args.out, "buckets": [{"upper_s": r.upper, "batch_size": r.batch_size,
-                                          "peak_gib": round(r.peak_bytes / 2**30, 3)} for r in results]}
+    return split_cuts(Path(args.cuts), Path(args.out_dir), args.dev_fraction, seed=args.seed)
+
+
+def cut_durations(source: str):
+    """Durations of a CutSet manifest (read without building cuts) or of a Shar folder, in stored order."""
+    import numpy as np
+
+    if Path(source).is_dir():
+        from cuts.sampler import open_cuts
+
+        return np.fromiter((c.duration for c in open_cuts(source, seed=0)), dtype=np.float64)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source} does not exist: give a CutSet manifest (.jsonl.gz) or a Shar folder")
+    return manifest_durations(Path(source))
 
 
 def cmd_report(args) -> dict:
-    import numpy as np
-
     from cuts.report import bucket_report, format_table, load_uppers_and_sizes, plot_report
 
     uppers, sizes = load_uppers_and_sizes(args.bins, args.batch_sizes)
-    durations = np.fromiter((c.duration for c in CutSet.from_jsonl_lazy(args.cuts)), dtype=np.float64)
-    rows = bucket_report(durations[durations <= uppers[-1]], uppers, sizes, args.batch_duration)
-    print(format_table(rows), file=sys.stderr)
+    durations = cut_durations(args.cuts)
+    rows = bucket_report(durations, uppers, sizes, args.batch_duration, args.seed, world_size=args.world_size,
+                         drop_last=not args.no_drop_last, min_duration=args.min_duration,
+                         max_duration=args.max_duration)
+    print(format_table(rows, args.world_size), file=sys.stderr)
     png = Path(args.png or Path(args.batch_sizes or args.bins).with_suffix(".report.png"))
     plot_report(rows, png)
-    return {"png": str(png), "left_out_longer_than_last_bucket": int((durations > uppers[-1]).sum())}
+    used = sum(r["cuts"] for r in rows)
+    return {"png": str(png), "steps_per_epoch": sum(r["steps_per_epoch"] for r in rows), "world_size": args.world_size,
+            "cuts": used, "cuts_outside_duration_range": int(len(durations) - used),
+            "buckets_never_filling": [r["bucket"] for r in rows if r["never_fills"]]}
 
 
 def cmd_bins(args) -> dict:
-    cuts = CutSet.from_jsonl_lazy(args.cuts) if str(args.cuts).endswith((".jsonl", ".jsonl.gz")) \
-        else CutSet.from_file(args.cuts)
-    bins, durations = estimate_bins(cuts, args.buckets)
+    durations = cut_durations(args.cuts)
+    bins = bins_from_durations(durations, args.buckets, args.min_cuts_per_bucket)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     bins.save(out)
     if not args.no_plot:
         plot_bins(durations, bins, out.with_suffix(".png"))
-    return {"num_buckets": len(bins.upper), "num_cuts": bins.num_cuts, "bins": str(out)}
+    return {"num_buckets": len(bins.upper), "asked": args.buckets, "num_cuts": bins.num_cuts,
+            "max_duration": bins.max_duration, "bins": str(out)}
 
 
 def cmd_synth(args) -> dict:
@@ -106,11 +114,14 @@ def add_set_options(p: argparse.ArgumentParser, window: float | None) -> None:
     p.add_argument("--min-duration", type=float, default=0.1, help="shorter files are rejected (s)")
     p.add_argument("--max-duration", type=float, default=None, help="longer cuts are rejected (s)")
     p.add_argument("--window", type=float, default=window, help="cut long recordings into windows (s)")
-    p.add_argument("--jobs", type=int, default=1, help="processes reading audio headers")
+    p.add_argument("--jobs", type=int, default=1, help="processes checking audio files")
+    p.add_argument("--seed", type=int, default=0, help="of the shuffled order of cuts.jsonl.gz")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="prepare.py", description="Build CutSets, noise sets and bins for NEST.")
+def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
+    """prepare.py's commands on data; ``extra`` register more (``add_parser(subparsers)`` functions)."""
+    ap = argparse.ArgumentParser(prog="prepare.py", description="Build CutSets, noise sets, bins, batch sizes and "
+                                 "targets for NEST.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("audio-dir", help="a folder tree of audio files -> CutSet")
     p.add_argument("src")
@@ -135,39 +146,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="*", default=None, help="e.g. train-clean-100 dev-clean, or noise music")
     add_set_options(p, window=None)
     p.set_defaults(func=cmd_recipe)
-    p = sub.add_parser("noise", help="a noise set (10 s windows) from a folder, NeMo or Lhotse manifest")
-    p.add_argument("src")
+    p = sub.add_parser("noise", help="a noise set (10 s windows) from a folder, NeMo or Lhotse manifests")
+    p.add_argument("src", nargs="+")
     p.add_argument("out")
     add_set_options(p, window=10.0)
     p.set_defaults(func=cmd_noise)
-    p = sub.add_parser("shar", help="export a CutSet with its audio (flac) as Lhotse Shar shards")
+    p = sub.add_parser("shar", help="export a CutSet with its audio (flac) as Lhotse Shar shards, shuffled")
     p.add_argument("cuts")
     p.add_argument("out")
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--shard-size", type=int, default=1000, help="cuts per shard")
+    p.add_argument("--seed", type=int, default=0, help="of the shuffled order")
     p.set_defaults(func=cmd_shar)
-    p = sub.add_parser("bins", help="duration bins for bucketing (bins.yaml and a histogram PNG)")
+    p = sub.add_parser("split", help="a CutSet -> train.jsonl.gz + dev.jsonl.gz, split by recording")
     p.add_argument("cuts")
-    p.add_argument("--buckets", type=int, default=30)
+    p.add_argument("out_dir")
+    p.add_argument("--dev-fraction", type=float, default=0.01,
+                   help="share of recordings for dev (at least 1, at most half; train keeps the rest)")
+    p.add_argument("--seed", type=int, default=0, help="of the choice of dev recordings")
+    p.set_defaults(func=cmd_split)
+    p = sub.add_parser("bins", help="duration bins for bucketing (bins.yaml and a histogram PNG)")
+    p.add_argument("cuts", help="CutSet manifest or Shar folder")
+    p.add_argument("--buckets", type=int, default=30, help="at most this many buckets")
+    p.add_argument("--min-cuts-per-bucket", type=int, default=MIN_CUTS_PER_BUCKET,
+                   help="fewer buckets when the data cannot give each this many cuts")
     p.add_argument("--out", required=True)
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_bins)
-    p = sub.add_parser("calibrate", help="per-bucket batch sizes that fill accelerator memory")
-    p.add_argument("--config", required=True)
-    p.add_argument("--bins", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--memory-fraction", type=float, default=0.9, help="of the GPU's memory")
-    p.add_argument("--memory-budget-gib", type=float, default=None, help="an absolute budget (needed on CPU)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU")
-    p.add_argument("--gap", type=float, default=0.05, help="stop when the search bracket is this tight (relative)")
-    p.add_argument("--no-ddp-allowance", action="store_true", help="single device: keep no room for DDP buckets")
-    p.add_argument("--device", default=None)
-    p.add_argument("overrides", nargs="*", help="config key=value")
-    p.set_defaults(func=cmd_calibrate)
-    p = sub.add_parser("report", help="per-bucket cuts, hours, batch size, padding, steps (table + PNG)")
-    p.add_argument("cuts")
-    p.add_argument("--bins")
-    p.add_argument("--batch-sizes")
-    p.add_argument("--batch-duration", type=float, default=600.0, help="without --batch-sizes")
+    p = sub.add_parser("report", help="per-bucket cuts, hours, batch size, padding, steps per epoch as the "
+                                      "training sampler batches (table + PNG)")
+    defaults = DataConfig()
+    p.add_argument("cuts", help="CutSet manifest or Shar folder")
+    p.add_argument("--bins", help="bins.yaml (with --batch-duration)")
+    p.add_argument("--batch-sizes", help="batch_sizes.yaml from calibrate (carries its own bucket bounds)")
+    p.add_argument("--batch-duration", type=float, default=defaults.batch_duration, help="data.batch_duration (s)")
+    p.add_argument("--min-duration", type=float, default=defaults.min_duration, help="data.min_duration (s)")
+    p.add_argument("--max-duration", type=float, default=defaults.max_duration, help="data.max_duration (s)")
+    p.add_argument("--no-drop-last", action="store_true", help="as data.drop_last=false")
+    p.add_argument("--world-size", type=int, default=1, help="number of training processes (GPUs x nodes)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--png", default=None)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("synth", help="a small synthetic speech-like corpus and noise set (for the demo)")
@@ -176,15 +192,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-noises", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    for add in extra:
+        add(sub)
     return ap
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def main(argv=None, extra: Sequence[Callable] = ()) -> int:
+    """Run one command; errors about the input (ValueError, OSError, nothing usable) print one line, exit 1."""
+    args = parser(extra).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = args.func(args)
-    except (NothingUsable, FileNotFoundError, ValueError) as e:
+    except (NothingUsable, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))

@@ -1,22 +1,30 @@
 """Audio folders -> Lhotse CutSets, with every left-out file reported and a summary.
 
-Each output folder gets ``cuts.jsonl.gz`` (written lazily, cut by cut), ``rejected.jsonl`` (one
-line per input left out: path and reason) and ``summary.json``.
+Each output folder gets ``cuts.jsonl.gz`` (in a seeded random order), ``rejected.jsonl`` (one line
+per input left out: path, kind and reason) and ``summary.json``, each written atomically. Nothing is
+held per cut beyond a duration (8 bytes): cuts stream through an external shuffle on disk.
+
+Ids are unique by construction: the path relative to the source folder without its extension
+(``spk2/001``), or with it where two audio files of a folder share a stem (``spk2/x.wav``,
+``spk2/x.flac``). Audio paths are stored absolute and resolved, so a manifest works from any folder.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from array import array
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
-from lhotse import CutSet, MonoCut, MultiCut, Recording
+from lhotse import MonoCut, MultiCut, Recording
 from tqdm import tqdm
+
+from cuts.io import ExternalShuffle, atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +32,56 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".sph", ".mp3", ".opus", ".ogg", ".m4a", ".
 SILENCE_PEAK = 1e-5  # a file whose peak stays below this (about -100 dBFS) has no usable energy
 DURATION_TOLERANCE = 0.01  # seconds between the header's duration and the decoded one
 
+# Kinds of rejection: summary.json counts them, rejected.jsonl gives each with its full reason.
+MISSING, EMPTY, UNREADABLE, CORRUPT, ZERO_ENERGY = "missing", "empty", "unreadable", "corrupt", "zero energy"
+TOO_SHORT, TOO_LONG, DUPLICATE, BAD_LINE = "too short", "too long", "duplicate", "bad manifest line"
+PAST_END, NO_RECORDING = "segment past the end", "no recording"
+
 
 @dataclass
 class Rejection:
-    path: str
-    reason: str
+    path: str  # the audio file (or the manifest line when there is no file)
+    kind: str  # one of the kinds above
+    detail: str = ""
+    where: str = ""  # manifest:line, for inputs listed in a manifest
+
+    @property
+    def reason(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
 
 
-def find_audio(src: Path) -> Iterator[Path]:
-    """Audio files under ``src`` in a stable order, found lazily."""
+def whole_names(names: Iterable[str]) -> set[str]:
+    """The audio file names of one folder whose id keeps the extension: those whose stem another file
+    shares, and those whose stem equals such a kept name (x.wav.flac beside x.wav and x.flac)."""
+    names = list(names)
+    stems = Counter(Path(n).stem for n in names)
+    whole = {n for n in names if stems[Path(n).stem] > 1}
+    while True:
+        clash = {n for n in names if n not in whole and Path(n).stem in whole}
+        if not clash:
+            return whole
+        whole |= clash
+
+
+def file_id(name: str, whole: set[str]) -> str:
+    """The id part of one file name: the name itself when it is in ``whole``, else its stem."""
+    return name if name in whole else Path(name).stem
+
+
+def is_audio(name: str) -> bool:
+    return Path(name).suffix.lower() in AUDIO_EXTENSIONS
+
+
+def find_audio(src: Path) -> Iterator[tuple[Path, str]]:
+    """``(path, id)`` of the audio files under ``src``, in a stable order, found lazily (one folder's
+    names in memory at a time)."""
     for root, dirs, files in os.walk(src):
         dirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
-                yield Path(root) / name
+        rel = Path(root).relative_to(src)
+        names = sorted(n for n in files if is_audio(n))
+        whole = whole_names(names)
+        for name in names:
+            yield Path(root) / name, (rel / file_id(name, whole)).as_posix()
 
 
 def recording_to_cut(rec: Recording, channel: str) -> Union[MonoCut, MultiCut]:
@@ -66,48 +110,53 @@ def wav_truncation(path: Path) -> Optional[str]:
             if cid == b"data":
                 available = size - f.tell()
                 if length != 0xFFFFFFFF and length > available:
-                    return f"corrupt: truncated wav, data chunk declares {length} bytes but the file holds {available}"
+                    return f"truncated wav, data chunk declares {length} bytes but the file holds {available}"
                 return None
             f.seek(length + (length & 1), 1)
 
 
-def probe(path: Path, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
-    """A Recording for a usable file, or the reason it is not usable. Decodes the file once to catch
-    corrupt, truncated and silent audio that a header alone would not reveal."""
+def _error(e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def probe(path: Path, rec_id: str, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
+    """A Recording (id ``rec_id``, resolved path) for a usable file, or the reason it is not usable.
+    Decodes the file once to catch corrupt, truncated and silent audio that a header would not reveal."""
     p = str(path)
-    if not path.exists():
-        return Rejection(p, "missing")
+    if not path.is_file():
+        return Rejection(p, MISSING)
     if path.stat().st_size == 0:
-        return Rejection(p, "empty")
+        return Rejection(p, EMPTY)
     truncated = wav_truncation(path) if path.suffix.lower() == ".wav" else None
     if truncated:
-        return Rejection(p, truncated)
+        return Rejection(p, CORRUPT, truncated)
     try:
-        rec = Recording.from_file(path, recording_id=path.stem)
+        rec = Recording.from_file(path.resolve(), recording_id=rec_id)
     except Exception as e:  # any decoder error means unreadable
-        return Rejection(p, f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip())
+        return Rejection(p, UNREADABLE, _error(e))
     return check_recording(rec, p, min_duration, check_audio)
 
 
 def check_recording(rec: Recording, source: str, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
     """``rec`` if its audio is usable, else why not: empty, too short, corrupt, truncated or silent."""
     if rec.num_samples <= 0 or rec.duration <= 0:
-        return Rejection(source, "empty")
+        return Rejection(source, EMPTY)
     if rec.duration < min_duration:
-        return Rejection(source, f"too short: {rec.duration:.3f} s < --min-duration {min_duration} s")
+        return Rejection(source, TOO_SHORT, f"{rec.duration:.3f} s < --min-duration {min_duration} s")
     if not check_audio:
         return rec
     try:
         audio = rec.load_audio()
     except Exception as e:
-        return Rejection(source, f"corrupt: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip())
+        return Rejection(source, CORRUPT, _error(e))
     decoded = audio.shape[-1] / rec.sampling_rate
     if abs(decoded - rec.duration) > DURATION_TOLERANCE:
-        return Rejection(source, f"corrupt: header says {rec.duration:.3f} s, decoded {decoded:.3f} s (truncated?)")
+        return Rejection(source, CORRUPT, f"header says {rec.duration:.3f} s, decoded {decoded:.3f} s (truncated?)")
     if not np.isfinite(audio).all():
-        return Rejection(source, "corrupt: non-finite samples")
+        return Rejection(source, CORRUPT, "non-finite samples")
     if np.abs(audio).max() < SILENCE_PEAK:
-        return Rejection(source, "zero energy")
+        return Rejection(source, ZERO_ENERGY)
     return rec
 
 
@@ -116,70 +165,90 @@ def _star(args):
     return fn(*rest)
 
 
-def parallel_map(fn: Callable, items: Iterable[tuple], jobs: int) -> Iterator:
-    """``fn(*item)`` for each item, in ``jobs`` processes, in input order, with bounded memory."""
+def parallel_map(fn: Callable, items: Iterable[tuple[tuple, Any]], jobs: int) -> Iterator[tuple[Any, Any]]:
+    """``(context, fn(*args))`` for each ``(args, context)`` of ``items``, in ``jobs`` processes, in input
+    order; at most ``64 * jobs`` items are in flight, so memory stays bounded."""
     if jobs <= 1:
-        yield from (fn(*item) for item in items)
+        yield from ((context, fn(*args)) for args, context in items)
         return
     with ProcessPoolExecutor(jobs) as pool:
         window: deque = deque()
-        for item in items:
-            window.append(pool.submit(_star, (fn, *item)))
+        for args, context in items:
+            window.append((context, pool.submit(_star, (fn, *args))))
             if len(window) >= 64 * jobs:
-                yield window.popleft().result()
+                context, future = window.popleft()
+                yield context, future.result()
         while window:
-            yield window.popleft().result()
-
-
-def probe_all(paths: Iterable[Path], min_duration: float, jobs: int) -> Iterator[Union[Recording, Rejection]]:
-    """``probe`` over many files in parallel, in input order."""
-    return parallel_map(probe, ((p, min_duration) for p in paths), jobs)
+            context, future = window.popleft()
+            yield context, future.result()
 
 
 class SetWriter:
-    """Writes cuts.jsonl.gz, rejected.jsonl and summary.json of one output folder."""
+    """Writes cuts.jsonl.gz (shuffled with ``seed``), rejected.jsonl and summary.json of one output
+    folder. Use as a context manager: an exception leaves the folder's previous files as they were."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, seed: int = 0):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.cuts = CutSet.open_writer(self.out_dir / "cuts.jsonl.gz", overwrite=True)
-        self.rejected = open(self.out_dir / "rejected.jsonl", "w")
-        self.durations: list[float] = []
-        self.reasons: Counter = Counter()
-        self.seen_ids: set[str] = set()
-        self.recording_files: dict[str, str] = {}  # recording id -> its audio file
+        self.seed = seed
+        self.shuffle = ExternalShuffle(self.out_dir / ".shuffle.tmp", seed)
+        self._rejected_file = atomic_write(self.out_dir / "rejected.jsonl")
+        self.rejected = self._rejected_file.__enter__()
+        self.kinds: Counter = Counter()
+        self.summary: Optional[dict] = None
+
+    def __enter__(self) -> "SetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.summary is None:  # not closed: an exception on the way
+            self._rejected_file.__exit__(exc_type or RuntimeError, exc, tb)
+            self.shuffle.cleanup()
 
     def add_cut(self, cut, source: str) -> None:
-        """Write ``cut``; a cut id seen before, or a recording id naming another file, is a duplicate."""
-        rec_id = cut.recording.id if cut.has_recording else cut.id
-        audio = str(cut.recording.sources[0].source) if cut.has_recording else source
-        first = self.recording_files.setdefault(rec_id, audio)
-        if cut.id in self.seen_ids or first != audio:
-            self.reject(Rejection(source, f"duplicate id {rec_id!r} (first seen in {first})"))
-            return
-        self.seen_ids.add(cut.id)
-        self.cuts.write(cut)
-        self.durations.append(cut.duration)
+        """Queue ``cut``; a later cut with the same id is rejected as a duplicate when the set is closed."""
+        head = json.dumps([cut.id, cut.duration, source])
+        self.shuffle.add(cut.id, f"{head}\t{json.dumps(cut.to_dict())}")
 
     def reject(self, r: Rejection) -> None:
-        self.rejected.write(json.dumps({"path": r.path, "reason": r.reason}) + "\n")
-        self.reasons[r.reason.split(":")[0]] += 1
+        line = {"path": r.path, "kind": r.kind, "reason": r.reason}
+        if r.where:
+            line["where"] = r.where
+        self.rejected.write(json.dumps(line) + "\n")
+        self.kinds[r.kind] += 1
 
     def close(self) -> dict:
-        self.cuts.close()
-        self.rejected.close()
-        d = np.array(self.durations) if self.durations else np.zeros(0)
-        summary = {
-            "num_cuts": len(self.durations),
+        """Drop repeated ids (one hash shard at a time), write the cuts shuffled, then the summary."""
+        durations = array("d")
+        with atomic_write(self.out_dir / "cuts.jsonl.gz") as out:
+            for shard, lines in self.shuffle.shards():
+                first: dict[str, str] = {}
+                kept = []
+                for line in lines:
+                    head, body = line.split("\t", 1)
+                    cut_id, duration, source = json.loads(head)
+                    if cut_id in first:
+                        self.reject(Rejection(source, DUPLICATE, f"id {cut_id!r} listed again (first in {first[cut_id]})"))
+                        continue
+                    first[cut_id] = source
+                    kept.append(body)
+                    durations.append(duration)
+                self.shuffle.rng(shard).shuffle(kept)
+                out.writelines(body + "\n" for body in kept)
+        self._rejected_file.__exit__(None, None, None)
+        d = np.frombuffer(durations, dtype=np.float64) if len(durations) else np.zeros(0)
+        self.summary = {
+            "num_cuts": len(d),
             "hours": float(d.sum() / 3600),
-            "num_rejected": sum(self.reasons.values()),
-            "rejected_by_reason": dict(self.reasons),
+            "num_rejected": sum(self.kinds.values()),
+            "rejected_by_reason": dict(self.kinds.most_common()),
             "duration_percentiles": {
                 str(q): float(np.percentile(d, q)) for q in (0, 1, 5, 25, 50, 75, 95, 99, 100)
             } if len(d) else {},
+            "shuffle_seed": self.seed,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
+        write_text(self.out_dir / "summary.json", json.dumps(self.summary, indent=1))
+        return self.summary
 
 
 class NothingUsable(RuntimeError):
@@ -191,7 +260,7 @@ def finish(writer: SetWriter, what: str) -> dict:
     summary = writer.close()
     if summary["num_cuts"] == 0:
         raise NothingUsable(
-            f"no usable audio in {what}: {summary['num_rejected']} files rejected "
+            f"no usable audio in {what}: {summary['num_rejected']} inputs rejected "
             f"({summary['rejected_by_reason'] or 'none found'}); see {writer.out_dir / 'rejected.jsonl'}"
         )
     return summary
@@ -204,29 +273,30 @@ def window_cut(cut, window: Optional[float]):
     return list(cut.cut_into_windows(duration=window))
 
 
-def prepare_audio_dir(
-    src: Path, out_dir: Path, *, channel: str = "first", min_duration: float = 0.1,
-    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1,
-) -> dict:
-    """``prepare.py audio-dir``: every audio file under ``src`` becomes a cut (or a rejection)."""
-    src = Path(src)
-    if not src.is_dir():
-        raise NothingUsable(f"{src} is not a folder")
-    writer = SetWriter(out_dir)
-    paths = list(find_audio(src))
-    for path, result in zip(paths, tqdm(probe_all(paths, min_duration, jobs), total=len(paths), desc="audio-dir")):
-        if isinstance(result, Rejection):
-            writer.reject(result)
-        else:
-            add_windows(writer, recording_to_cut(result, channel), str(path), min_duration, max_duration, window)
-    return finish(writer, str(src))
-
-
 def add_windows(writer: SetWriter, cut, source: str, min_duration: float, max_duration: Optional[float],
-                window: Optional[float]) -> None:
+                window: Optional[float], where: str = "") -> None:
     """Write ``cut`` (cut into windows when asked), rejecting what is too long and dropping short tails."""
     for piece in window_cut(cut, window):
         if max_duration is not None and piece.duration > max_duration:
-            writer.reject(Rejection(source, f"too long: {piece.duration:.2f} s > --max-duration {max_duration} s"))
+            writer.reject(Rejection(source, TOO_LONG, f"{piece.duration:.2f} s > --max-duration {max_duration} s", where))
         elif piece.duration >= min_duration or piece is cut:
             writer.add_cut(piece, source)
+
+
+def prepare_audio_dir(
+    src: Path, out_dir: Path, *, channel: str = "first", min_duration: float = 0.1,
+    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1, seed: int = 0,
+) -> dict:
+    """``prepare.py audio-dir``: every audio file under ``src`` becomes a cut (or a rejection)."""
+    src = Path(src).absolute()
+    if not src.is_dir():
+        raise NothingUsable(f"{src} is not a folder")
+    with SetWriter(out_dir, seed) as writer:
+        items = (((path, rec_id, min_duration), None) for path, rec_id in find_audio(src))
+        for _, result in tqdm(parallel_map(probe, items, jobs), desc="audio-dir", unit=" files"):
+            if isinstance(result, Rejection):
+                writer.reject(result)
+            else:
+                source = result.sources[0].source
+                add_windows(writer, recording_to_cut(result, channel), source, min_duration, max_duration, window)
+        return finish(writer, str(src))

@@ -1,49 +1,101 @@
-"""Per-bucket report of a CutSet under given bins and batch sizes: a table and a PNG."""
+"""Per-bucket report of a CutSet as training would batch it: a table, warnings and a PNG.
+
+The batches come from the training sampler itself (``cuts.sampler.build_sampler``: the same bucket
+edges, batch sizes or batch duration, duration filter, ``drop_last`` and world size), fed with
+duration-only cuts, so steps per epoch are the sampler's, not an estimate.
+"""
 from __future__ import annotations
 
+import math
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
+import yaml
+from lhotse import CutSet, MonoCut
 
 from cuts.bins import Bins
+from cuts.config import DataConfig
+from cuts.io import atomic_write
+from cuts.sampler import build_sampler, load_batch_sizes
 
 COLUMNS = ("bucket", "upper_s", "cuts", "hours", "batch_size", "audio_s_per_batch", "padding", "steps_per_epoch")
 
 
+class DurationCuts:
+    """Cuts that carry only a duration (all the sampler looks at), made on the fly from an array."""
+
+    def __init__(self, durations: np.ndarray):
+        self.durations = durations
+
+    def __iter__(self) -> Iterator[MonoCut]:
+        for i, d in enumerate(self.durations):
+            yield MonoCut(id=str(i), start=0.0, duration=float(d), channel=0)
+
+
 def bucket_report(durations: np.ndarray, uppers: list[float], batch_sizes: Optional[list[int]],
-                  batch_duration: Optional[float], seed: int = 0) -> list[dict]:
-    """One row per bucket. Padding is simulated: the bucket's cuts in random order, in batches."""
-    rng = np.random.default_rng(seed)
-    idx = np.searchsorted(np.asarray(uppers), durations, side="left")
+                  batch_duration: Optional[float], seed: int = 0, *, world_size: int = 1, drop_last: bool = True,
+                  min_duration: float = 0.0, max_duration: float = math.inf,
+                  quadratic_duration: Optional[float] = None) -> list[dict]:
+    """One row per bucket, from one epoch of the training sampler on rank 0 of ``world_size``.
+
+    ``batch_sizes`` (one per bucket, as ``prepare.py calibrate`` writes them) or ``batch_duration``
+    (seconds per batch, padding included) say how batches fill. ``never_fills`` marks a bucket whose
+    cuts can never make a whole batch (with ``drop_last`` they are never trained on).
+    """
+    cfg = DataConfig(batch_duration=batch_duration or DataConfig.batch_duration, drop_last=drop_last,
+                     min_duration=min_duration, max_duration=max_duration, quadratic_duration=quadratic_duration)
+    bins = Bins(upper=list(uppers), num_cuts=len(durations), max_duration=uppers[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        if batch_sizes is not None:
+            cfg.bucket_batch_size = str(Path(tmp) / "batch_sizes.yaml")
+            Path(cfg.bucket_batch_size).write_text(yaml.safe_dump(
+                {"bucket_upper_duration": list(uppers), "batch_sizes": list(batch_sizes)}))
+            max_duration = min(max_duration, uppers[-1])
+        sampler = build_sampler(CutSet(DurationCuts(durations)), cfg, train=True, seed=seed, world_size=world_size,
+                                rank=0, bins=bins)
+        sampler.set_epoch(0)
+        batches = [np.array([c.duration for c in batch]) for batch in sampler]
+    edges = np.asarray(uppers[:-1])
+    kept = durations[(durations >= min_duration) & (durations <= max_duration)]
+    bucket_of_cut = np.searchsorted(edges, kept, side="left")
+    bucket_of_batch = [int(np.searchsorted(edges, b.max(), side="left")) for b in batches]
     rows = []
     for i, upper in enumerate(uppers):
-        d = rng.permutation(durations[idx == i])
+        d = kept[bucket_of_cut == i]
+        mine = [b for b, j in zip(batches, bucket_of_batch) if j == i]
         if batch_sizes is not None:
-            b = batch_sizes[i]
+            size, needed = float(batch_sizes[i]), batch_sizes[i]
         else:
-            b = max(1, int(batch_duration // upper)) if batch_duration else 1
-        n_batches = int(np.ceil(len(d) / b)) if len(d) else 0
-        padded = np.zeros(n_batches * b)
-        padded[: len(d)] = d
-        batches = padded.reshape(n_batches, b) if n_batches else np.zeros((0, b))
-        sizes = (batches > 0).sum(1)
-        total = (batches.max(1) * sizes).sum() if n_batches else 0.0
+            size = float(np.mean([len(b) for b in mine])) if mine else float(max(1, cfg.batch_duration // upper))
+            needed = max(1, int(cfg.batch_duration // upper))  # a batch of cuts this long holds at least that many
+        audio = sum(float(b.sum()) for b in mine)
+        padded = sum(float(b.max()) * len(b) for b in mine)
         rows.append({
             "bucket": i, "upper_s": round(float(upper), 2), "cuts": int(len(d)), "hours": round(float(d.sum()) / 3600, 3),
-            "batch_size": int(b), "audio_s_per_batch": round(float(d.sum()) / n_batches, 1) if n_batches else 0.0,
-            "padding": round(float(1 - d.sum() / total), 4) if total else 0.0, "steps_per_epoch": n_batches,
+            "batch_size": round(size, 1), "audio_s_per_batch": round(audio / len(mine), 1) if mine else 0.0,
+            "padding": round(1 - audio / padded, 4) if padded else 0.0, "steps_per_epoch": len(mine),
+            "cuts_in_batches": sum(len(b) for b in mine),
+            "never_fills": bool(len(d)) and drop_last and (len(d) < needed or not mine),
         })
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], world_size: int = 1) -> str:
+    """The rows as a table, a total line, and one line per bucket that never fills a batch."""
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
     lines = ["  ".join(c.rjust(widths[c]) for c in COLUMNS)]
     lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in COLUMNS) for r in rows]
-    total_steps = sum(r["steps_per_epoch"] for r in rows)
-    hours = sum(r["hours"] for r in rows)
-    lines.append(f"total: {sum(r['cuts'] for r in rows)} cuts, {hours:.2f} h, {total_steps} steps per epoch")
+    cuts = sum(r["cuts"] for r in rows)
+    rank = f" on each of {world_size} ranks" if world_size > 1 else ""
+    lines.append(f"total: {cuts} cuts, {sum(r['hours'] for r in rows):.2f} h, "
+                 f"{sum(r['steps_per_epoch'] for r in rows)} steps per epoch{rank}")
+    for r in rows:
+        if r["never_fills"]:
+            lines.append(f"bucket {r['bucket']} (up to {r['upper_s']} s): its {r['cuts']} cuts never fill a batch, so "
+                         "they are never trained on: make fewer buckets (prepare.py bins --buckets), lower the batch "
+                         "size or data.batch_duration, or set data.drop_last=false")
     return "\n".join(lines)
 
 
@@ -61,17 +113,15 @@ def plot_report(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("bucket upper duration (s)")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def load_uppers_and_sizes(bins_path: Optional[str], sizes_path: Optional[str]) -> tuple[list[float], Optional[list[int]]]:
     """Bucket bounds and sizes: batch_sizes.yaml carries its own (merged) bounds; else bins.yaml."""
-    import yaml
-
     if sizes_path:
-        d = yaml.safe_load(Path(sizes_path).read_text())
-        return [float(u) for u in d["bucket_upper_duration"]], [int(b) for b in d["batch_sizes"]]
+        return load_batch_sizes(sizes_path)
     if not bins_path:
         raise ValueError("give --bins or --batch-sizes")
     return Bins.load(bins_path).upper, None

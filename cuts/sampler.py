@@ -14,7 +14,7 @@ from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, F
 from cuts.bins import Bins
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
-from cuts.io import read_jsonl
+from cuts.io import iter_jsonl
 from cuts.shar import is_shar, is_url, list_shards
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,15 @@ class ManifestCuts:
         self.bad_lines = 0
 
     def __iter__(self):
-        for n, item in read_jsonl(self.source):
+        for where, item in iter_jsonl(self.source, on_error=self._bad):
             try:
-                if isinstance(item, Exception):
-                    raise item
                 yield deserialize_item(item)
             except Exception as e:
-                self.bad_lines += 1
-                log.warning("skipping %s:%d: bad manifest line (%s: %s)", self.source, n, type(e).__name__, e)
+                self._bad(where, f"{type(e).__name__}: {e}")
+
+    def _bad(self, where: str, problem: str) -> None:
+        self.bad_lines += 1
+        log.warning("skipping %s: bad manifest line (%s)", where, problem)
 
 
 def open_cuts(source: str, seed: int) -> CutSet:

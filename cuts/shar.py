@@ -27,7 +27,7 @@ from lhotse import CutSet
 from lhotse.serialization import deserialize_item, open_best
 from lhotse.shar.readers.tar import TarIterator
 
-from cuts.io import read_jsonl
+from cuts.io import iter_jsonl, write_text
 
 log = logging.getLogger(__name__)
 INDEX = "shar_index.json"
@@ -40,7 +40,7 @@ def is_url(source: str) -> bool:
 def write_shar_index(out_dir: Path, fields: dict[str, list[str]]) -> None:
     """``shar_index.json``: the shard files of each field, relative to the folder (for reading from URLs)."""
     names = {k: [Path(p).name for p in v] for k, v in fields.items()}
-    (Path(out_dir) / INDEX).write_text(json.dumps({"fields": names}, indent=1))
+    write_text(Path(out_dir) / INDEX, json.dumps({"fields": names}, indent=1))
 
 
 @dataclass
@@ -91,13 +91,14 @@ class ShardProblems:
 
 
 def _read_cut_lines(path: str, problems: ShardProblems) -> Iterator:
-    for n, item in read_jsonl(path):
+    def bad(where: str, problem: str) -> None:  # a corrupt line costs that line only
+        problems.add(where, f"bad manifest line: {problem}")
+
+    for where, item in iter_jsonl(path, on_error=bad):
         try:
-            if isinstance(item, Exception):
-                raise item
             yield deserialize_item(item)
-        except Exception as e:  # a corrupt line costs that line only
-            problems.add(f"{path}:{n}", f"bad manifest line: {type(e).__name__}: {e}")
+        except Exception as e:
+            bad(where, f"{type(e).__name__}: {e}")
 
 
 def shard_cuts(shard: Shard, with_audio: bool, problems: ShardProblems) -> Iterator:

@@ -1,131 +1,228 @@
 """Other inputs than audio folders: NeMo manifests, Lhotse manifests, Lhotse recipes; Shar export.
 
-Every builder writes an output folder through SetWriter (cuts.jsonl.gz, rejected.jsonl, summary.json)
-and validates audio as ``audio-dir`` does, so a bad file is reported and skipped.
+Every builder writes an output folder through SetWriter (cuts.jsonl.gz shuffled, rejected.jsonl,
+summary.json) and validates audio as ``audio-dir`` does, so a bad file is reported and skipped. Inputs
+stream: consecutive entries of the same audio file are checked once, and nothing is kept per entry.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from lhotse import CutSet, RecordingSet, SupervisionSegment, load_manifest_lazy
+from lhotse import Recording, SupervisionSegment
 from lhotse.cut import Cut
+from lhotse.serialization import deserialize_item
 from tqdm import tqdm
 
+from cuts.io import ExternalShuffle, iter_jsonl
+from cuts.shar import write_shar_index
 from cuts.prepare import (
-    DURATION_TOLERANCE, Rejection, SetWriter, add_windows, check_recording, finish, parallel_map, probe,
-    recording_to_cut,
+    BAD_LINE, DURATION_TOLERANCE, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
+    check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
+log = logging.getLogger(__name__)
 RECIPES = ("librispeech", "mini_librispeech", "musan")
 
 
-def read_nemo_lines(manifest: Path) -> list[tuple[str, dict | str]]:
-    """(where, entry) per line of a NeMo JSON-lines manifest; a malformed line gives (where, reason)."""
-    out = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
-        where = f"{manifest}:{n}"
-        if not line.strip():
+class NemoIds:
+    """Ids of NeMo manifest entries: the audio path relative to the deepest folder holding the
+    manifests and every audio file, named as ``audio-dir`` names files (extension kept where two
+    audio files of a folder share a stem). Folders are listed once, and only those that need it."""
+
+    def __init__(self, manifests: Sequence[Path]):
+        self.manifests = [Path(m).absolute() for m in manifests]
+        self.root = os.path.commonpath([str(m.parent) for m in self.manifests])
+        for m in self.manifests:  # a first pass over the lines, to find the common folder
+            for _, entry in iter_jsonl(m, on_error=lambda where, problem: None):
+                path = self.audio_path(m, entry)
+                if path is not None and not path.startswith(self.root.rstrip(os.sep) + os.sep):
+                    self.root = os.path.commonpath([self.root, os.path.dirname(path)])
+        self.whole_names: dict[str, frozenset] = {}  # folder -> audio names that keep their extension
+
+    @staticmethod
+    def audio_path(manifest: Path, entry: dict) -> Optional[str]:
+        """The entry's audio file as an absolute, normalized path (relative ones start at the manifest's folder)."""
+        value = entry.get("audio_filepath")
+        if not isinstance(value, str) or not value:
+            return None
+        return os.path.normpath(os.path.join(manifest.parent, os.path.expanduser(value)))
+
+    def __call__(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if folder not in self.whole_names:
+            try:
+                names = [n for n in os.listdir(folder) if is_audio(n)]
+            except OSError:
+                names = []
+            self.whole_names[folder] = frozenset(whole_names(names))
+        rel = Path(os.path.relpath(path, self.root))
+        return rel.with_name(file_id(name, self.whole_names[folder])).as_posix()
+
+
+def nemo_segments(manifest: Path, ids: NemoIds, writer: SetWriter) -> Iterator[tuple[str, str, dict]]:
+    """``(audio path, id, segment)`` per valid line; a line that is not a usable entry is rejected."""
+    def bad(where: str, problem: str) -> None:
+        writer.reject(Rejection(where, BAD_LINE, problem, where))
+
+    for where, entry in iter_jsonl(manifest, on_error=bad):
+        path = ids.audio_path(manifest, entry)
+        if path is None:
+            bad(where, "no audio_filepath string")
             continue
         try:
-            entry = json.loads(line)
-            path = Path(entry["audio_filepath"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            out.append((where, f"bad manifest line: {type(e).__name__}: {e}"))
+            offset = float(entry.get("offset") or 0.0)
+            duration = None if entry.get("duration") is None else float(entry["duration"])
+        except (TypeError, ValueError) as e:
+            bad(where, f"offset or duration is not a number ({e})")
             continue
-        entry["audio_filepath"] = str(path if path.is_absolute() else manifest.parent / path)
-        out.append((where, entry))
-    return out
+        text = entry.get("text")
+        yield path, ids(path), {"where": where, "offset": offset, "duration": duration,
+                                "text": None if text is None else str(text)}
 
 
 def prepare_nemo_manifests(
     manifests: Sequence[Path], out_dir: Path, *, channel: str = "first", min_duration: float = 0.1,
-    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1,
+    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1, seed: int = 0,
 ) -> dict:
     """``prepare.py nemo-manifest``: NeMo manifest lines (audio_filepath, duration, offset, text) -> cuts.
 
-    Relative paths resolve against the manifest's folder; each audio file is checked once, however
-    many segments of it the manifests list.
+    Relative paths resolve against the manifest's folder; consecutive lines of the same audio file
+    (segments) share one check of that file. A segment's id is the file's id, plus ``-OFFSET-DURATION``
+    in milliseconds when it is not the whole file.
     """
-    writer = SetWriter(out_dir)
-    lines = [x for m in manifests for x in read_nemo_lines(Path(m))]
-    paths = sorted({e["audio_filepath"] for _, e in lines if isinstance(e, dict)})
-    checked = dict(zip(paths, tqdm(parallel_map(probe, ((Path(p), 0.0) for p in paths), jobs), total=len(paths),
-                                   desc="nemo-manifest")))
-    for where, entry in lines:
-        if isinstance(entry, str):
-            writer.reject(Rejection(where, entry))
-            continue
-        rec = checked[entry["audio_filepath"]]
-        if isinstance(rec, Rejection):
-            writer.reject(Rejection(f"{where} {rec.path}", rec.reason))
-            continue
-        offset = float(entry.get("offset") or 0.0)
-        duration = float(entry["duration"]) if entry.get("duration") is not None else rec.duration - offset
-        if offset + duration > rec.duration + DURATION_TOLERANCE:
-            writer.reject(Rejection(where, f"segment {offset:.2f}+{duration:.2f} s runs past the end ({rec.duration:.2f} s)"))
-            continue
-        if duration < min_duration:
-            writer.reject(Rejection(where, f"too short: {duration:.3f} s < --min-duration {min_duration} s"))
-            continue
-        whole = recording_to_cut(rec, channel)
-        cut_id = rec.id if offset == 0 and abs(duration - rec.duration) < DURATION_TOLERANCE else \
-            f"{rec.id}-{round(offset * 1000):08d}-{round(duration * 1000):08d}"
-        cut = whole.truncate(offset=offset, duration=min(duration, rec.duration - offset)).with_id(cut_id)
-        if entry.get("text") is not None:
-            cut.supervisions = [SupervisionSegment(id=cut_id, recording_id=rec.id, start=0.0,
-                                                   duration=cut.duration, text=str(entry["text"]))]
-        add_windows(writer, cut, where, min_duration, max_duration, window)
-    return finish(writer, ", ".join(map(str, manifests)))
+    for m in manifests:
+        if not Path(m).is_file():
+            raise FileNotFoundError(f"NeMo manifest {m} does not exist")
+    ids = NemoIds(manifests)
+    with SetWriter(out_dir, seed) as writer:
+        lines = itertools.chain.from_iterable(nemo_segments(m, ids, writer) for m in ids.manifests)
+        groups = (((Path(path), rec_id, 0.0), [s for _, _, s in group])
+                  for (path, rec_id), group in itertools.groupby(lines, key=lambda x: x[:2]))
+        for segments, rec in tqdm(parallel_map(probe, groups, jobs), desc="nemo-manifest", unit=" files"):
+            for s in segments:
+                add_segment(writer, rec, s, channel, min_duration, max_duration, window)
+        return finish(writer, ", ".join(map(str, manifests)))
 
 
-def _check_star(rec, source, min_duration):
+def add_segment(writer: SetWriter, rec, s: dict, channel: str, min_duration: float, max_duration: Optional[float],
+                window: Optional[float]) -> None:
+    """The cut of one NeMo line, or its rejection."""
+    where = s["where"]
+    if isinstance(rec, Rejection):
+        writer.reject(Rejection(rec.path, rec.kind, rec.detail, where))
+        return
+    source = rec.sources[0].source
+    offset = s["offset"]
+    duration = rec.duration - offset if s["duration"] is None else s["duration"]
+    if offset < 0 or offset + duration > rec.duration + DURATION_TOLERANCE:
+        writer.reject(Rejection(source, PAST_END, f"{offset:.2f}+{duration:.2f} s, the file has {rec.duration:.2f} s", where))
+        return
+    if duration < min_duration:
+        writer.reject(Rejection(source, TOO_SHORT, f"{duration:.3f} s < --min-duration {min_duration} s", where))
+        return
+    whole = offset == 0 and abs(duration - rec.duration) < DURATION_TOLERANCE
+    cut_id = rec.id if whole else f"{rec.id}-{round(offset * 1000):08d}-{round(duration * 1000):08d}"
+    cut = recording_to_cut(rec, channel).truncate(offset=offset, duration=min(duration, rec.duration - offset))
+    cut = cut.with_id(cut_id)
+    if s["text"] is not None:
+        cut.supervisions = [SupervisionSegment(id=cut_id, recording_id=rec.id, start=0.0, duration=cut.duration,
+                                               text=s["text"])]
+    add_windows(writer, cut, source, min_duration, max_duration, window, where)
+
+
+def _check_group(rec: Recording, source: str, min_duration: float):
     return check_recording(rec, source, min_duration)
 
 
+def make_absolute(rec: Recording) -> Recording:
+    """``rec`` with its relative file sources made absolute and resolved against the current folder, in
+    place (absolute ones are kept as given: checking them would cost a file-system lookup per cut)."""
+    for s in rec.sources:
+        if s.type == "file" and not os.path.isabs(s.source):
+            s.source = str(Path(s.source).resolve())
+    return rec
+
+
 def write_validated(
-    writer: SetWriter, cuts: Sequence[Cut], *, min_duration: float, max_duration: Optional[float],
+    writer: SetWriter, cuts: Iterator[tuple[str, Cut]], *, min_duration: float, max_duration: Optional[float],
     window: Optional[float], jobs: int, desc: str,
 ) -> None:
-    """Check each distinct recording of ``cuts`` once (in parallel), then write the cuts of good ones."""
-    recs = {c.recording.id: c.recording for c in cuts if c.has_recording}
-    ids = sorted(recs)
-    results = dict(zip(ids, tqdm(parallel_map(_check_star, ((recs[i], i, 0.0) for i in ids), jobs),
-                                 total=len(ids), desc=desc)))
-    for cut in cuts:
-        result = results.get(cut.recording.id) if cut.has_recording else Rejection(cut.id, "no recording")
-        source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
-        if isinstance(result, Rejection):
-            writer.reject(Rejection(source, result.reason))
-        elif cut.duration < min_duration:
-            writer.reject(Rejection(source, f"too short: {cut.duration:.3f} s < --min-duration {min_duration} s"))
-        else:
-            add_windows(writer, cut, source, min_duration, max_duration, window)
+    """Check the recording of each run of consecutive cuts once (in parallel), then write the cuts of
+    good ones. ``cuts`` gives ``(where, cut)``."""
+    def runs():
+        for rec_id, group in itertools.groupby(cuts, key=lambda x: _recording_id(x[1])):
+            group = list(group)
+            if rec_id is None:
+                for where, cut in group:
+                    writer.reject(Rejection(where, NO_RECORDING, f"cut {cut.id!r} ({type(cut).__name__})", where))
+                continue
+            rec = make_absolute(group[0][1].recording)
+            for _, cut in group:
+                cut.recording = rec  # one checked recording for the run (each cut was read with its own copy)
+            yield (rec, rec.sources[0].source, 0.0), group
+
+    for group, result in tqdm(parallel_map(_check_group, runs(), jobs), desc=desc, unit=" recordings"):
+        for where, cut in group:
+            source = cut.recording.sources[0].source
+            if isinstance(result, Rejection):
+                writer.reject(Rejection(source, result.kind, result.detail, where))
+            elif cut.duration < min_duration:
+                writer.reject(Rejection(source, TOO_SHORT, f"{cut.duration:.3f} s < --min-duration {min_duration} s", where))
+            else:
+                add_windows(writer, cut, source, min_duration, max_duration, window, where)
+
+
+def _recording_id(cut: Cut) -> Optional[str]:
+    rec = getattr(cut, "recording", None)  # MixedCut and PaddingCut have none
+    return None if rec is None else rec.id
+
+
+def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) -> Iterator[tuple[str, Cut]]:
+    """``(where, cut)`` per line of Lhotse CutSet or RecordingSet manifests; other lines are rejected."""
+    def bad(where: str, problem: str) -> None:
+        writer.reject(Rejection(where, BAD_LINE, problem, where))
+
+    for m in manifests:
+        if not Path(m).is_file():
+            raise FileNotFoundError(f"manifest {m} does not exist")
+        for where, d in iter_jsonl(m, on_error=bad):
+            try:
+                item = deserialize_item(d)
+            except Exception as e:
+                bad(where, f"not a Lhotse cut or recording ({_short(e)})")
+                continue
+            if isinstance(item, Recording):
+                yield where, recording_to_cut(item, channel)
+            elif isinstance(item, Cut):
+                yield where, item
+            else:
+                bad(where, f"a {type(item).__name__}, not a cut or recording")
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def prepare_lhotse_manifest(
     manifests: Sequence[Path], out_dir: Path, *, channel: str = "first", min_duration: float = 0.1,
-    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1,
+    max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1, seed: int = 0,
 ) -> dict:
     """``prepare.py manifest``: existing Lhotse CutSet or RecordingSet manifests -> checked cuts."""
-    writer = SetWriter(out_dir)
-    cuts: list[Cut] = []
-    for m in manifests:
-        manifest = load_manifest_lazy(m)
-        if isinstance(manifest, RecordingSet):
-            cuts.extend(recording_to_cut(r, channel) for r in manifest)
-        elif isinstance(manifest, CutSet):
-            cuts.extend(manifest)
-        else:
-            raise ValueError(f"{m}: a CutSet or RecordingSet manifest is needed, not {type(manifest).__name__}")
-    write_validated(writer, cuts, min_duration=min_duration, max_duration=max_duration, window=window, jobs=jobs,
-                    desc="manifest")
-    return finish(writer, ", ".join(map(str, manifests)))
+    with SetWriter(out_dir, seed) as writer:
+        write_validated(writer, manifest_cuts(manifests, channel, writer), min_duration=min_duration,
+                        max_duration=max_duration, window=window, jobs=jobs, desc="manifest")
+        return finish(writer, ", ".join(map(str, manifests)))
 
 
-def recipe_cuts(corpus: str, corpus_dir: Path, download: bool, parts: Optional[Sequence[str]]) -> list[Cut]:
-    """Cuts of a corpus through Lhotse's recipe (downloading only when asked)."""
+def recipe_cuts(corpus: str, corpus_dir: Path, download: bool, parts: Optional[Sequence[str]]) -> Iterator[tuple[str, Cut]]:
+    """``(part, cut)`` of a corpus through Lhotse's recipe (downloading only when asked), part by part."""
+    from lhotse import CutSet
     from lhotse.recipes import download_librispeech, download_musan, prepare_librispeech, prepare_musan
 
     corpus_dir = Path(corpus_dir)
@@ -140,31 +237,56 @@ def recipe_cuts(corpus: str, corpus_dir: Path, download: bool, parts: Optional[S
         manifests = prepare_musan(corpus_dir, parts=list(parts) if parts else ("music", "speech", "noise"))
     else:
         raise ValueError(f"unknown recipe {corpus!r}; available: {', '.join(RECIPES)}")
-    cuts: list[Cut] = []
     for part in sorted(manifests):
         m = manifests[part]
-        cuts.extend(CutSet.from_manifests(recordings=m["recordings"], supervisions=m.get("supervisions")))
-    return cuts
+        for cut in CutSet.from_manifests(recordings=m["recordings"], supervisions=m.get("supervisions")):
+            yield part, cut
 
 
 def prepare_recipe(
     corpus: str, corpus_dir: Path, out_dir: Path, *, download: bool = False, parts: Optional[Sequence[str]] = None,
     min_duration: float = 0.1, max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1,
+    seed: int = 0,
 ) -> dict:
     """``prepare.py recipe``: LibriSpeech (all parts, mini too) or MUSAN (music, speech, noise) -> checked cuts."""
     if not download and not Path(corpus_dir).is_dir():
         raise FileNotFoundError(f"{corpus_dir} does not exist; pass --download to fetch {corpus}")
-    writer = SetWriter(out_dir)
-    write_validated(writer, recipe_cuts(corpus, Path(corpus_dir), download, parts), min_duration=min_duration,
-                    max_duration=max_duration, window=window, jobs=jobs, desc=corpus)
-    return finish(writer, f"{corpus} at {corpus_dir}")
+    with SetWriter(out_dir, seed) as writer:
+        write_validated(writer, recipe_cuts(corpus, Path(corpus_dir), download, parts), min_duration=min_duration,
+                        max_duration=max_duration, window=window, jobs=jobs, desc=corpus)
+        return finish(writer, f"{corpus} at {corpus_dir}")
 
 
-def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000) -> dict:
-    """``prepare.py shar``: a CutSet with its audio as FLAC in Lhotse Shar shards (for object storage)."""
+def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: int = 0) -> dict:
+    """``prepare.py shar``: a CutSet with its audio as FLAC in Lhotse Shar shards, in a seeded random
+    order, and ``shar_index.json`` naming the shards (for URLs). The folder appears complete or not at all;
+    a cut whose audio fails to load is reported and left out. Fields other than the audio (k-means
+    ``targets``) stay references to their files, which must be readable where training runs."""
+    from lhotse.cut.set import deserialize_cut
+    from lhotse.shar import SharWriter
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cuts = CutSet.from_jsonl_lazy(cuts_path)
-    shards = cuts.to_shar(out_dir, fields={"recording": "flac"}, shard_size=shard_size)
-    return {"out_dir": str(out_dir), "num_shards": len(shards["cuts"])}
-
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shuffle = ExternalShuffle(tmp.with_name(f".{out_dir.name}.shuffle.tmp"), seed)
+    for _, d in iter_jsonl(cuts_path):
+        shuffle.add(str(d.get("id")), json.dumps(d))
+    failed: list[dict] = []
+    tmp.mkdir(parents=True)
+    with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
+        for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
+            cut = deserialize_cut(json.loads(line))
+            try:
+                writer.write(cut)
+            except Exception as e:  # the audio did not load: report, skip
+                log.warning("shar: cut %s left out: %s", cut.id, _short(e))
+                failed.append({"id": cut.id, "reason": _short(e)})
+        num_shards = len(writer.output_paths["cuts"])
+        write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return {"out_dir": str(out_dir), "num_shards": num_shards, "num_cuts": shuffle.count - len(failed),
+            "num_failed": len(failed), "failed": failed[:20]}

@@ -1,38 +1,76 @@
-"""Split a CutSet into train and dev by recording, lazily: python -m cuts.split CUTS OUT_DIR --dev-cuts N
+"""Split a CutSet into train and dev by recording, exactly and in two streaming passes (``prepare.py split``).
 
-Every cut of a recording goes to the same side (windows of one recording never straddle the split);
-the first recordings, in a seeded hash order, that give ``--dev-cuts`` cuts form dev.
+Every cut of a recording goes to the same side (windows of one recording never straddle the split).
+Dev is the ``round(fraction x recordings)`` recordings with the smallest seeded hashes: at least one
+when the fraction is above 0, at most half, so that train always keeps the larger part. The memory
+held is one 8-byte hash per cut; cuts keep their order, so a shuffled input stays shuffled.
 """
-import argparse
-import hashlib
-import sys
+from __future__ import annotations
+
+import json
+import logging
+from array import array
 from pathlib import Path
 
-from lhotse import CutSet
+import numpy as np
+
+from cuts.io import atomic_write, iter_jsonl, key_hash, write_text
+
+log = logging.getLogger(__name__)
 
 
-def to_dev(recording_id: str, fraction: float, seed: int) -> bool:
-    h = hashlib.blake2b(f"{seed}:{recording_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
+class EmptySplit(ValueError):
+    """The split would leave train without cuts."""
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("cuts")
-    ap.add_argument("out_dir")
-    ap.add_argument("--dev-cuts", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    out = Path(args.out_dir)
-    total = sum(1 for _ in CutSet.from_jsonl_lazy(args.cuts))
-    fraction = min(1.0, args.dev_cuts / max(total, 1))
-    with CutSet.open_writer(out / "train.jsonl.gz", overwrite=True) as train, \
-            CutSet.open_writer(out / "dev.jsonl.gz", overwrite=True) as dev:
-        for cut in CutSet.from_jsonl_lazy(args.cuts):
-            (dev if to_dev(cut.recording.id, fraction, args.seed) else train).write(cut)
-    print(f"{total} cuts split into {out / 'train.jsonl.gz'} and {out / 'dev.jsonl.gz'}")
-    return 0
+def recording_of(d: dict) -> str:
+    """The recording id of a cut's JSON object (its own id when it has no recording)."""
+    rec = d.get("recording")
+    return str(rec["id"]) if isinstance(rec, dict) and "id" in rec else str(d.get("recording_id", d.get("id")))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def dev_count(num_recordings: int, fraction: float) -> int:
+    """How many recordings go to dev: ``round(fraction x n)``, at least 1 if ``fraction > 0``, at most ``n // 2``."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--dev-fraction must be in [0, 1), not {fraction}")
+    k = round(fraction * num_recordings)
+    if fraction > 0:
+        k = max(k, 1)
+    return min(k, num_recordings // 2)
+
+
+def split_cuts(cuts_path: Path, out_dir: Path, dev_fraction: float, seed: int = 0) -> dict:
+    """Write ``train.jsonl.gz`` and ``dev.jsonl.gz`` (and ``split.json``) under ``out_dir``."""
+    hashes = array("Q")
+    for _, d in iter_jsonl(cuts_path):
+        hashes.append(key_hash(recording_of(d), seed))
+    if not hashes:
+        raise EmptySplit(f"{cuts_path} holds no cuts: nothing to train on")
+    h = np.frombuffer(hashes, dtype=np.uint64)
+    distinct = np.unique(h)
+    num_recordings = len(distinct)
+    k = dev_count(num_recordings, dev_fraction)
+    if k != round(dev_fraction * num_recordings):
+        log.warning("dev gets %d of %d recordings (--dev-fraction %s gives %.2f; dev has at least 1 and at most half)",
+                    k, num_recordings, dev_fraction, dev_fraction * num_recordings)
+    threshold = int(distinct[k - 1]) if k else -1
+    del h, distinct
+    out_dir = Path(out_dir)
+    counts = {"train": [0, 0.0], "dev": [0, 0.0]}
+    with atomic_write(out_dir / "train.jsonl.gz") as train, atomic_write(out_dir / "dev.jsonl.gz") as dev:
+        for i, (_, d) in enumerate(iter_jsonl(cuts_path)):
+            side = "dev" if int(hashes[i]) <= threshold else "train"
+            (dev if side == "dev" else train).write(json.dumps(d) + "\n")
+            counts[side][0] += 1
+            counts[side][1] += float(d.get("duration", 0.0))
+        if counts["train"][0] == 0:
+            raise EmptySplit(f"splitting {cuts_path} left train empty")
+    summary = {
+        "recordings": {"train": num_recordings - k, "dev": k},
+        "cuts": {s: c[0] for s, c in counts.items()},
+        "hours": {s: round(c[1] / 3600, 3) for s, c in counts.items()},
+        "dev_fraction": dev_fraction, "seed": seed,
+        "train": str(out_dir / "train.jsonl.gz"), "dev": str(out_dir / "dev.jsonl.gz"),
+    }
+    write_text(out_dir / "split.json", json.dumps(summary, indent=1))
+    return summary

@@ -242,3 +242,33 @@ def run_calibration(
         "budget_gib": round(budget / GIB, 3), "ddp_allowance_gib": round(allowance / GIB, 3), "gap": gap,
     })
     return results
+
+
+def add_parser(subparsers) -> None:
+    """Register ``calibrate`` on prepare.py's subcommands."""
+    p = subparsers.add_parser("calibrate", help="per-bucket batch sizes that fill accelerator memory")
+    p.add_argument("--config", required=True, help="training config (its model section is measured)")
+    p.add_argument("--bins", required=True, help="bins.yaml from `prepare.py bins`")
+    p.add_argument("--out", required=True, help="batch_sizes.yaml to write (data.bucket_batch_size)")
+    p.add_argument("--memory-fraction", type=float, default=0.9, help="of the GPU's memory")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="an absolute budget (needed on CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on GPU")
+    p.add_argument("--gap", type=float, default=0.05, help="stop when the search bracket is this tight (relative)")
+    p.add_argument("--no-ddp-allowance", action="store_true", help="single device: keep no room for DDP buckets")
+    p.add_argument("--device", default=None)
+    p.add_argument("overrides", nargs="*", help="config key=value")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> dict:
+    from cuts.bins import Bins
+    from nest.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    results = run_calibration(
+        cfg.model, Bins.load(args.bins).upper, args.out, memory_fraction=args.memory_fraction,
+        memory_budget_gib=args.memory_budget_gib, precision=args.precision, gap=args.gap,
+        ddp_allowance=not args.no_ddp_allowance, device=args.device,
+    )
+    return {"out": args.out, "buckets": [{"upper_s": r.upper, "batch_size": r.batch_size,
+                                          "peak_gib": round(r.peak_bytes / 2**30, 3)} for r in results]}

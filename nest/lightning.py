@@ -70,7 +70,7 @@ class RunTotals:
     failed_cuts: int = 0
     skipped_steps: int = 0
     oom_retries: int = 0
-    first_loss: Optional[float] = None  # mean loss of the first logging window
+    first_loss: Optional[float] = None  # mean loss of the first logging window (or of a shorter run)
     last_loss: Optional[float] = None  # mean loss of the last logging window
 
 
@@ -361,16 +361,26 @@ class NestLightningModule(pl.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def _sync_totals(self) -> None:
-        """Add every rank's unlogged window to the run totals (a collective: called on all ranks)."""
-        w = self._window
+    def _sync_totals(self, with_loss: bool = False) -> None:
+        """Add every rank's unlogged window to the run totals (a collective: called on all ranks); with
+        ``with_loss`` (end of training) its mean loss too, so that a run shorter than one logging window,
+        or ending between two, reports its last loss."""
+        w, s = self._window, self._state
         d = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed], dtype=torch.float64, device=self.device)
-        audio, padded, cuts, failed = _all_reduce_(d).tolist()
+        if with_loss and s:
+            d = torch.cat([d, torch.stack([s["loss_sum"], s["loss_n"]]).double()])
+        values = _all_reduce_(d).tolist()
+        audio, padded, cuts, failed = values[:4]
         t = self.totals
         t.audio_seconds += audio
         t.padded_seconds += padded
         t.cuts += int(cuts)
         t.failed_cuts += int(failed)
+        if len(values) == 6 and values[5]:
+            t.last_loss = values[4] / values[5]
+            t.first_loss = t.last_loss if t.first_loss is None else t.first_loss
+            s["loss_sum"].zero_()
+            s["loss_n"].zero_()
         if self._state:
             t.skipped_steps = round(self._state["skipped"].item())
         self._window = _Window(started=w.started, data_wait=w.data_wait, batches=w.batches, window_audio=w.window_audio,
@@ -385,7 +395,7 @@ class NestLightningModule(pl.LightningModule):
         self._state = {}  # rebuilt from the totals on the next step
 
     def on_train_end(self) -> None:
-        self._sync_totals()
+        self._sync_totals(with_loss=True)
 
     def summary(self) -> dict[str, Any]:
         """What the run did, over all ranks and resumes: audio seen, padding, first and last loss."""

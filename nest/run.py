@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     never leaves half a checkpoint under a checkpoint's name."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_write(path, "wb") as f:
+        with atomic_write(path, binary=True) as f:
             torch.save(checkpoint, f)
 
 
@@ -136,6 +137,10 @@ def make_logger(cfg: RunConfig, exp_dir: Path):
         except ModuleNotFoundError:
             raise ConfigError("trainer.logger=wandb needs the wandb package: pip install '.[wandb]'") from None
     return TensorBoardLogger(str(exp_dir), name="tb", version="", default_hp_metric=False)
+
+
+# Checkpoints are taken after the optimizer step on purpose (the data position is committed with it).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def trainer_options(cfg: RunConfig, cuda: bool) -> dict:

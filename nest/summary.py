@@ -21,7 +21,13 @@ def main(argv=None) -> int:
     print(json.dumps(summary, indent=1))
     print("\n" + summary_line(summary))
     first, last = summary.get("first_loss"), summary.get("last_loss")
-    if first is None or last is None or not last < first:
+    if first is None or last is None:
+        print("no loss was recorded: no training step ran", file=sys.stderr)
+        return 1
+    if first == last:
+        print("one logging window only: the loss cannot be compared (lower trainer.log_every_n_steps)",
+              file=sys.stderr)
+    elif not last < first:
         print("the loss did not go down", file=sys.stderr)
         return 1
     return 0

@@ -50,17 +50,22 @@ def rejected(out: Path) -> dict:
     return {Path(r["path"]).name: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
 
 
+def file_id(name: str) -> str:
+    """The id prepare gives a file: its path relative to the source folder, without the extension."""
+    return str(Path(name).with_suffix(""))
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_audio_dir_mixed_formats_rates_channels_and_bad_files(tmp_path, jobs):
     good, bad = make_tree(tmp_path / "src")
     summary = prepare_audio_dir(tmp_path / "src", tmp_path / "out", min_duration=0.1, channel="mix", jobs=jobs)
     cuts = {c.id: c for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz")}
     for name, duration in good.items():
-        cut = cuts[Path(name).stem]
+        cut = cuts[file_id(name)]
         assert abs(cut.duration - duration) <= 0.01, name
         assert abs(cut.load_audio().shape[-1] / cut.sampling_rate - duration) <= 0.01
-    assert cuts["stereo8k"].sampling_rate == 8000 and cuts["flac44k"].sampling_rate == 44100  # source rates kept
-    assert cuts["four_channels"].num_channels == 4  # --channel mix keeps all channels, averaged on load
+    assert cuts["b/stereo8k"].sampling_rate == 8000 and cuts["a/flac44k"].sampling_rate == 44100  # source rates kept
+    assert cuts["b/four_channels"].num_channels == 4  # --channel mix keeps all channels, averaged on load
     reasons = rejected(tmp_path / "out")
     assert set(reasons) == {Path(b).name for b in bad}
     assert reasons["zero_bytes.wav"] == "empty"
@@ -69,19 +74,22 @@ def test_audio_dir_mixed_formats_rates_channels_and_bad_files(tmp_path, jobs):
     assert reasons["silence.wav"] == "zero energy"
     assert reasons["tiny.wav"].startswith("too short")
     assert summary["num_cuts"] == len(good) and summary["num_rejected"] == len(bad)
+    assert summary["rejected_by_reason"] == {"empty": 1, "corrupt": 1, "unreadable": 1, "zero energy": 1, "too short": 1}
+    lines = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert all(x["reason"].startswith(x["kind"]) for x in lines)  # kind for counting, reason in full
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["hours"] == pytest.approx(sum(good.values()) / 3600, abs=1e-4)
 
 
-def test_channel_first_and_windows_and_duplicates(tmp_path):
+def test_channel_first_and_windows_same_name_in_two_folders(tmp_path):
     (tmp_path / "src" / "x").mkdir(parents=True)
     sf.write(tmp_path / "src" / "long.wav", tone(25.0, 16000, 2), 16000)
-    sf.write(tmp_path / "src" / "x" / "long.wav", tone(3.0, 16000), 16000)  # same id as the first
+    sf.write(tmp_path / "src" / "x" / "long.wav", tone(3.0, 16000), 16000)  # same name, another folder: kept
     summary = prepare_audio_dir(tmp_path / "src", tmp_path / "out", channel="first", window=10.0)
-    cuts = list(CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"))
-    assert [round(c.duration, 3) for c in cuts] == [10.0, 10.0, 5.0]
-    assert all(c.num_channels == 1 for c in cuts)
-    assert "duplicate id" in list(rejected(tmp_path / "out").values())[0]
-    assert summary["num_rejected"] == 1
+    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz")}
+    assert {k: round(c.duration, 3) for k, c in cuts.items()} == {"long-0": 10.0, "long-1": 10.0, "long-2": 5.0,
+                                                                   "x/long": 3.0}
+    assert all(c.num_channels == 1 for c in cuts.values())
+    assert summary["num_rejected"] == 0
 
 
 def test_nothing_usable_fails_with_reasons(tmp_path):
@@ -102,18 +110,25 @@ def test_nemo_manifest(tmp_path):
         {"audio_filepath": str(audio / "u2.wav"), "duration": 2.0},
         {"audio_filepath": "audio/missing.wav", "duration": 3.0},
         {"audio_filepath": "audio/u2.wav", "duration": 5.0, "offset": 1.0},
+        {"audio_filepath": "audio/u2.wav", "duration": 2.0},  # the same file, listed again
+        {"audio_filepath": "audio/u1.flac", "duration": "long"},
     ]
     manifest = tmp_path / "data" / "train.json"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     summary = prepare_nemo_manifests([manifest], tmp_path / "out")
-    cuts = list(CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"))
-    assert [(round(c.start, 3), round(c.duration, 3)) for c in cuts] == [(0.5, 1.5), (2.0, 2.0), (0.0, 2.0)]
+    cuts = sorted(CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"), key=lambda c: (c.recording_id, c.start))
+    assert [(c.id, round(c.start, 3), round(c.duration, 3)) for c in cuts] == [
+        ("audio/u1-00000500-00001500", 0.5, 1.5), ("audio/u1-00002000-00002000", 2.0, 2.0), ("audio/u2", 0.0, 2.0)]
     assert cuts[0].supervisions[0].text == "first half"
     assert len(cuts[0].load_audio()[0]) == 24000
     reasons = list(map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()))
-    assert len(reasons) == 3 and summary["num_rejected"] == 3
-    assert reasons[0]["reason"] == "missing" and "missing.wav" in reasons[0]["path"]
-    assert "past the end" in reasons[1]["reason"] and "bad manifest line" in reasons[2]["reason"]
+    by_kind = {r["kind"]: r for r in reasons}
+    assert summary["num_rejected"] == len(reasons) == 5
+    assert summary["rejected_by_reason"] == {"missing": 1, "segment past the end": 1, "bad manifest line": 2,
+                                             "duplicate": 1}
+    assert "missing.wav" in by_kind["missing"]["path"] and by_kind["missing"]["where"] == f"{manifest}:4"
+    assert by_kind["duplicate"]["path"] == str(audio / "u2.wav") and "'audio/u2'" in by_kind["duplicate"]["reason"]
+    assert {r["where"] for r in reasons if r["kind"] == "bad manifest line"} == {f"{manifest}:7", f"{manifest}:8"}
 
 
 def test_lhotse_manifest_and_shar_roundtrip(tmp_path):
@@ -123,9 +138,9 @@ def test_lhotse_manifest_and_shar_roundtrip(tmp_path):
     assert summary["num_cuts"] == len(good)
     export_shar(tmp_path / "b" / "cuts.jsonl.gz", tmp_path / "shar", shard_size=2)
     shar = list(open_cuts(str(tmp_path / "shar"), seed=0))
-    assert sorted(c.id for c in shar) == sorted(Path(g).stem for g in good)
+    assert sorted(c.id for c in shar) == sorted(file_id(g) for g in good)  # ids with "/" survive Shar
     for cut in shar:
-        assert abs(cut.load_audio().shape[-1] / cut.sampling_rate - good[next(g for g in good if Path(g).stem == cut.id)]) < 0.01
+        assert abs(cut.load_audio().shape[-1] / cut.sampling_rate - good[next(g for g in good if file_id(g) == cut.id)]) < 0.01
 
 
 def test_librispeech_and_musan_layouts_through_recipe(tmp_path):

@@ -1,34 +1,77 @@
 #!/usr/bin/env bash
-# Any audio folder (+ an optional noise folder) -> bins -> NEST pretraining.
-#   bash recipes/folder/run.sh --speech-dir /data/my_audio [--noise-dir /data/noise] [--dev-fraction 0.01]
-#       [--config configs/nest_fast-conformer.yaml] [--stage N] [--stop-stage N] [key=value ...]
+# Any audio folder (+ an optional noise folder) -> CutSets -> train/dev split -> bins -> NEST pretraining.
+#
+#   bash /path/to/nest-ssl/recipes/folder/run.sh --speech-dir DIR [flags] [key=value ...]
+#
+# Run it from any folder: paths are relative to the current folder, outputs go to WORK/data/folder and
+# WORK/exp/folder_nest (WORK: --work-dir). key=value arguments go to train.py (e.g. trainer.devices=8).
+#
+# Flags:
+#   --speech-dir DIR       folder tree of audio files to pretrain on (required)
+#   --noise-dir DIR        folder of noise recordings for augmentation (default: none, no noise)
+#   --dev-fraction F       share of recordings held out for validation (default 0.01; at least 1 recording,
+#                          at most half)
+#   --window S             recordings longer than this are cut into S-second windows (default 30)
+#   --min-duration S       shorter files (and window tails) are left out (default 1)
+#   --buckets N            at most N duration buckets (default 30; fewer when the data is small)
+#   --config YAML          training config (default: the repository's configs/nest_fast-conformer.yaml)
+#   --jobs N               processes checking audio (default: all cores)
+#   --seed N               seed of the shuffle and of the dev choice (default 0)
+#   --work-dir DIR         where data/ and exp/ go (default: the current folder)
+#   --exp-dir DIR          the training run's folder (default: WORK/exp/folder_nest)
+#   --stage N              first stage to run (default 1)
+#   --stop-stage N         last stage to run (default 5)
+#   --help                 print this text
+#
+# Stages: 1 prepare (audio and noise -> cuts), 2 split (train/dev), 3 bins, 4 train (resume=auto), 5 summary.
+# A finished stage is skipped until its flags or inputs change.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 speech_dir=
 noise_dir=
-config=configs/nest_fast-conformer.yaml
-jobs=$(nproc)
+dev_fraction=0.01
 window=30
-dev_cuts=200
-work=data/folder
-exp=exp/folder_nest
-extra_args=()
-source recipes/stages.sh
-[ -n "$speech_dir" ] || { echo "give --speech-dir"; exit 1; }
+min_duration=1
+buckets=30
+config=
+jobs=$(nproc)
+seed=0
+work_dir=.
+exp_dir=
+stage=1
+stop_stage=5
+source "$(dirname "${BASH_SOURCE[0]}")/../stages.sh"
+[ -n "$speech_dir" ] || { echo "error: give --speech-dir (see --help)" >&2; exit 2; }
+config=${config:-$REPO/configs/nest_fast-conformer.yaml}
+data=$work_dir/data/folder
+exp=${exp_dir:-$work_dir/exp/folder_nest}
 
-if run_stage 1 prepare; then
-  python prepare.py audio-dir "$speech_dir" "$work/all" --window "$window" --min-duration 1 --jobs "$jobs"
-  python -m cuts.split "$work/all/cuts.jsonl.gz" "$work" --dev-cuts "$dev_cuts"
-  if [ -n "$noise_dir" ]; then python prepare.py noise "$noise_dir" "$work/noise" --jobs "$jobs"; fi
-  done_stage 1 prepare
+if run_stage 1 prepare "window=$window" "min_duration=$min_duration" "seed=$seed" \
+    --in "$speech_dir" "$noise_dir" --out "$data/all/cuts.jsonl.gz"; then
+  python "$REPO/prepare.py" audio-dir "$speech_dir" "$data/all" --window "$window" --min-duration "$min_duration" \
+    --jobs "$jobs" --seed "$seed"
+  if [ -n "$noise_dir" ]; then
+    python "$REPO/prepare.py" noise "$noise_dir" "$data/noise" --jobs "$jobs" --seed "$seed"
+  fi
+  done_stage
 fi
-if run_stage 2 bins; then
-  python prepare.py bins "$work/train.jsonl.gz" --buckets 30 --out "$work/bins.yaml"
-  done_stage 2 bins
+if run_stage 2 split "dev_fraction=$dev_fraction" "seed=$seed" --in "$data/all/cuts.jsonl.gz" \
+    --out "$data/train.jsonl.gz" "$data/dev.jsonl.gz"; then
+  python "$REPO/prepare.py" split "$data/all/cuts.jsonl.gz" "$data" --dev-fraction "$dev_fraction" --seed "$seed"
+  done_stage
 fi
-if run_stage 3 train; then
-  noise=(); [ -n "$noise_dir" ] && noise=(data.noise_cuts="[$work/noise/cuts.jsonl.gz]")
-  python train.py --config "$config" data.train_cuts="[$work/train.jsonl.gz]" data.val_cuts="[$work/dev.jsonl.gz]" \
-    data.bins="$work/bins.yaml" exp_dir="$exp" resume=auto "${noise[@]}" "${extra_args[@]}"
-  done_stage 3 train
+if run_stage 3 bins "buckets=$buckets" --in "$data/train.jsonl.gz" --out "$data/bins.yaml"; then
+  python "$REPO/prepare.py" bins "$data/train.jsonl.gz" --buckets "$buckets" --out "$data/bins.yaml"
+  done_stage
+fi
+if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$data/train.jsonl.gz" "$data/dev.jsonl.gz" \
+    "$data/bins.yaml" ${noise_dir:+"$data/noise/cuts.jsonl.gz"} --out "$exp/checkpoints/last.ckpt"; then
+  sets=(data.train_cuts="[$data/train.jsonl.gz]")
+  has_cuts "$data/dev.jsonl.gz" && sets+=(data.val_cuts="[$data/dev.jsonl.gz]")
+  [ -n "$noise_dir" ] && sets+=(data.noise_cuts="[$data/noise/cuts.jsonl.gz]")
+  python "$REPO/train.py" --config "$config" "${sets[@]}" data.bins="$data/bins.yaml" exp_dir="$exp" resume=auto \
+    "${extra_args[@]}"
+  done_stage
+fi
+if in_range 5; then
+  python -m nest.summary "$exp"
 fi

@@ -1,34 +1,90 @@
 #!/usr/bin/env bash
 # NeMo JSON-lines manifests (as NeMo and nest_ssl_project use) -> CutSets -> bins -> NEST pretraining.
-#   bash recipes/nemo-manifest/run.sh --train "a.json b.json" --dev dev.json [--noise noise.json]
-#       [--config configs/nest_fast-conformer.yaml] [--stage N] [--stop-stage N] [key=value ...]
+#
+#   bash /path/to/nest-ssl/recipes/nemo-manifest/run.sh --train "a.json b.json" [--dev dev.json] [flags] [key=value ...]
+#
+# Run it from any folder: paths are relative to the current folder (audio paths inside a manifest are
+# relative to that manifest's folder), outputs go to WORK/data/nemo_manifest and WORK/exp/nemo_manifest_nest
+# (WORK: --work-dir). key=value arguments go to train.py.
+#
+# Flags:
+#   --train "A.json ..."   training manifests, space-separated (required)
+#   --dev "A.json ..."     validation manifests (default: none, --dev-fraction of the training recordings)
+#   --dev-fraction F       without --dev: share of recordings held out (default 0.01; at least 1, at most half)
+#   --noise "A.json ..."   noise manifests for augmentation (default: none, no noise)
+#   --min-duration S       shorter segments are left out (default 1)
+#   --buckets N            at most N duration buckets (default 30; fewer when the data is small)
+#   --config YAML          training config (default: the repository's configs/nest_fast-conformer.yaml)
+#   --jobs N               processes checking audio (default: all cores)
+#   --seed N               seed of the shuffle and of the dev choice (default 0)
+#   --work-dir DIR         where data/ and exp/ go (default: the current folder)
+#   --exp-dir DIR          the training run's folder (default: WORK/exp/nemo_manifest_nest)
+#   --stage N              first stage to run (default 1)
+#   --stop-stage N         last stage to run (default 5)
+#   --help                 print this text
+#
+# Stages: 1 prepare, 2 split (only without --dev), 3 bins, 4 train (resume=auto), 5 summary.
+# A finished stage is skipped until its flags or inputs change.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 train=
 dev=
+dev_fraction=0.01
 noise=
-config=configs/nest_fast-conformer.yaml
+min_duration=1
+buckets=30
+config=
 jobs=$(nproc)
-work=data/nemo_manifest
-exp=exp/nemo_manifest_nest
-extra_args=()
-source recipes/stages.sh
-[ -n "$train" ] && [ -n "$dev" ] || { echo "give --train and --dev manifests"; exit 1; }
+seed=0
+work_dir=.
+exp_dir=
+stage=1
+stop_stage=5
+source "$(dirname "${BASH_SOURCE[0]}")/../stages.sh"
+[ -n "$train" ] || { echo "error: give --train manifests (see --help)" >&2; exit 2; }
+config=${config:-$REPO/configs/nest_fast-conformer.yaml}
+data=$work_dir/data/nemo_manifest
+exp=${exp_dir:-$work_dir/exp/nemo_manifest_nest}
+read -ra train_list <<<"$train"
+read -ra dev_list <<<"$dev"
+read -ra noise_list <<<"$noise"
+if [ -n "$dev" ]; then
+  train_cuts=$data/all/cuts.jsonl.gz dev_cuts=$data/dev/cuts.jsonl.gz
+else
+  train_cuts=$data/train.jsonl.gz dev_cuts=$data/dev.jsonl.gz
+fi
 
-if run_stage 1 prepare; then
-  python prepare.py nemo-manifest $train "$work/train" --min-duration 1 --jobs "$jobs"
-  python prepare.py nemo-manifest $dev "$work/dev" --min-duration 1 --jobs "$jobs"
-  if [ -n "$noise" ]; then python prepare.py noise "$noise" "$work/noise" --jobs "$jobs"; fi
-  done_stage 1 prepare
+if run_stage 1 prepare "min_duration=$min_duration" "seed=$seed" \
+    --in "${train_list[@]}" "${dev_list[@]}" "${noise_list[@]}" --out "$data/all/cuts.jsonl.gz" \
+    ${dev:+"$dev_cuts"} ${noise:+"$data/noise/cuts.jsonl.gz"}; then
+  python "$REPO/prepare.py" nemo-manifest "${train_list[@]}" "$data/all" --min-duration "$min_duration" \
+    --jobs "$jobs" --seed "$seed"
+  if [ -n "$dev" ]; then
+    python "$REPO/prepare.py" nemo-manifest "${dev_list[@]}" "$data/dev" --min-duration "$min_duration" \
+      --jobs "$jobs" --seed "$seed"
+  fi
+  if [ -n "$noise" ]; then
+    python "$REPO/prepare.py" noise "${noise_list[@]}" "$data/noise" --jobs "$jobs" --seed "$seed"
+  fi
+  done_stage
 fi
-if run_stage 2 bins; then
-  python prepare.py bins "$work/train/cuts.jsonl.gz" --buckets 30 --out "$work/bins.yaml"
-  done_stage 2 bins
+if [ -z "$dev" ] && run_stage 2 split "dev_fraction=$dev_fraction" "seed=$seed" --in "$data/all/cuts.jsonl.gz" \
+    --out "$train_cuts" "$dev_cuts"; then
+  python "$REPO/prepare.py" split "$data/all/cuts.jsonl.gz" "$data" --dev-fraction "$dev_fraction" --seed "$seed"
+  done_stage
 fi
-if run_stage 3 train; then
-  n=(); [ -n "$noise" ] && n=(data.noise_cuts="[$work/noise/cuts.jsonl.gz]")
-  python train.py --config "$config" data.train_cuts="[$work/train/cuts.jsonl.gz]" \
-    data.val_cuts="[$work/dev/cuts.jsonl.gz]" data.bins="$work/bins.yaml" exp_dir="$exp" resume=auto \
-    "${n[@]}" "${extra_args[@]}"
-  done_stage 3 train
+if run_stage 3 bins "buckets=$buckets" --in "$train_cuts" --out "$data/bins.yaml"; then
+  python "$REPO/prepare.py" bins "$train_cuts" --buckets "$buckets" --out "$data/bins.yaml"
+  done_stage
+fi
+if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$train_cuts" "$dev_cuts" "$data/bins.yaml" \
+    ${noise:+"$data/noise/cuts.jsonl.gz"} --out "$exp/checkpoints/last.ckpt"; then
+  sets=(data.train_cuts="[$train_cuts]")
+  has_cuts "$dev_cuts" && sets+=(data.val_cuts="[$dev_cuts]")
+  [ -n "$noise" ] && sets+=(data.noise_cuts="[$data/noise/cuts.jsonl.gz]")
+  python "$REPO/train.py" --config "$config" "${sets[@]}" data.bins="$data/bins.yaml" exp_dir="$exp" resume=auto \
+    "${extra_args[@]}"
+  done_stage
+fi
+if in_range 5; then
+  python -m nest.summary "$exp"
 fi
