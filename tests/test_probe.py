@@ -8,11 +8,12 @@ import soundfile as sf
 import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 
-from nest import probe
+from nest import probe, probe_features
 from nest.checkpoint import load_model, save_model
 from nest.config import load_config
 from nest.model import NestModel
-from nest.probe import LayerWeightedSum, ProbeError, label_of, pool, run_probe
+from nest.probe import LayerWeightedSum, run_probe
+from nest.probe_features import FeatureSet, ProbeError, label_of, load_source, pool
 from tests.conftest import NEMO_FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +89,12 @@ def test_pooling_each_layer_first_equals_pooling_the_weighted_sum():
 
 def test_pooling_sees_valid_frames_only(tones):
     """A short cut batched with a long one (so padded) gives the frames it gives alone."""
-    source = probe.load_source(f"random:{TINY}", seed=0)
+    source = load_source(f"random:{TINY}", seed=0)
     cuts = sorted(CutSet.from_file(tones[0]), key=lambda c: c.duration)
     short, long = cuts[0], cuts[-1]
     assert long.duration - short.duration > 0.3
-    alone = next(probe.iter_layer_frames(source, [short], [0, 1], 8, torch.device("cpu"), []))[1]
-    batched = next(probe.iter_layer_frames(source, [short, long], [0, 1], 8, torch.device("cpu"), []))[1]
+    alone = next(probe_features.iter_layer_frames(source, [short], [0, 1], 8, torch.device("cpu"), []))[1]
+    batched = next(probe_features.iter_layer_frames(source, [short, long], [0, 1], 8, torch.device("cpu"), []))[1]
     for a, b in zip(alone, batched):
         assert a.shape == b.shape
         assert np.allclose(a, b, atol=1e-4)
@@ -103,11 +104,11 @@ def test_head_solves_a_separable_task_and_weights_the_layer_that_carries_it():
     """Pooled features where only layer 2 of 4 tells the classes apart: the head finds it."""
     g = torch.Generator().manual_seed(0)
 
-    def split(n: int) -> probe.FeatureSet:
+    def split(n: int) -> FeatureSet:
         y = torch.arange(n) % 3
         x = torch.randn(n, 4, 16, generator=g)
         x[:, 2, :3] += 6.0 * torch.nn.functional.one_hot(y, 3)  # class c lifts dimension c of layer 2
-        return probe.FeatureSet([str(i) for i in range(n)], [f"c{int(c)}" for c in y], x, [0, 1, 2, 3])
+        return FeatureSet([str(i) for i in range(n)], [f"c{int(c)}" for c in y], x, [0, 1, 2, 3])
 
     r = probe.train_probe(split(120), split(60), ["c0", "c1", "c2"], epochs=40, seed=0)
     assert r["accuracy"] >= 0.95 and r["train_accuracy"] >= 0.95, r
@@ -138,9 +139,9 @@ def test_random_init_is_the_config_seeded():
     cfg = load_config(TINY).model
     torch.manual_seed(3)
     expected = NestModel(cfg).state_dict()
-    got = probe.load_source(f"random:{TINY}", seed=3).model.state_dict()
+    got = load_source(f"random:{TINY}", seed=3).model.state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    other = probe.load_source(f"random:{TINY}", seed=4).model.state_dict()
+    other = load_source(f"random:{TINY}", seed=4).model.state_dict()
     key = "encoder.layers.0.self_attn.linear_q.weight"
     assert not torch.equal(other[key], got[key])
 
@@ -156,16 +157,16 @@ def test_nemo_and_our_checkpoints_load(tones, tmp_path):
     model = load_model(nemo)
     audio = torch.randn(1, 16000) * 0.1
     reference = torch.stack(model.encode(audio, torch.tensor([16000]), return_layers=True)[2])
-    assert torch.equal(features(probe.load_source(str(nemo), 0), audio), reference)
+    assert torch.equal(features(load_source(str(nemo), 0), audio), reference)
     # save_model's file
     save_model(model, tmp_path / "model.pt")
-    assert torch.equal(features(probe.load_source(str(tmp_path / "model.pt"), 0), audio), reference)
+    assert torch.equal(features(load_source(str(tmp_path / "model.pt"), 0), audio), reference)
     # the layout of train.py's Lightning checkpoints
     from dataclasses import asdict
 
     torch.save({"hyper_parameters": {"model_config": asdict(model.cfg), "optim_config": {}},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "last.ckpt")
-    assert torch.equal(features(probe.load_source(str(tmp_path / "last.ckpt"), 0), audio), reference)
+    assert torch.equal(features(load_source(str(tmp_path / "last.ckpt"), 0), audio), reference)
     train, dev = tones
     r = run_probe(str(nemo), train, dev, "text", epochs=2, layers="-1")
     assert r["layers"] == [model.cfg.encoder.n_layers - 1] and r["layer_weights"] == [1.0]
@@ -173,14 +174,14 @@ def test_nemo_and_our_checkpoints_load(tones, tmp_path):
 
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ProbeError, match="unknown kind 'wav2vec:'"):
-        probe.load_source("wav2vec:foo", 0)
+        load_source("wav2vec:foo", 0)
     with pytest.raises(ProbeError, match="no such file"):
-        probe.load_source(str(tmp_path / "missing.ckpt"), 0)
+        load_source(str(tmp_path / "missing.ckpt"), 0)
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ProbeError, match="notes.txt: unknown checkpoint kind"):
-        probe.load_source(str(tmp_path / "notes.txt"), 0)
+        load_source(str(tmp_path / "notes.txt"), 0)
     with pytest.raises(ProbeError, match="does not exist"):
-        probe.load_source("random:configs/nope.yaml", 0)
+        load_source("random:configs/nope.yaml", 0)
 
 
 def test_labels_from_supervisions_and_custom_fields(tones, tmp_path):
@@ -230,7 +231,7 @@ def test_cached_features_give_the_same_probe_without_the_encoder(tones, tmp_path
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder ran although the features were cached")
 
-    monkeypatch.setattr(probe, "load_source", no_encoder)
+    monkeypatch.setattr(probe_features, "load_source", no_encoder)
     read = run_probe(f"random:{TINY}", train, dev, "text", epochs=10, seed=2, cache=tmp_path / "cache")
     assert read["cache"] == {"train": "read", "dev": "read"}
     for key in ("accuracy", "loss", "train_loss", "layer_weights", "confusion"):
