@@ -55,7 +55,7 @@ def cmd_shar(args) -> dict:
 
 
 def cmd_calibrate(args) -> dict:
-    from cuts.calibrate import run_calibration
+    from nest.calibrate import run_calibration
     from nest.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -11,29 +11,31 @@ class NoiseConfig:
 
     prob: float = 0.5  # probability that an utterance is augmented at all
     noise_ratio: float = 0.5  # of augmented utterances, the share mixed with noise (else another utterance)
-    snr: List[float] = field(default_factory=lambda: [-5.0, 20.0])  # dB, noise
-    speech_snr: List[float] = field(default_factory=lambda: [-5.0, 5.0])  # dB, speech-in-speech
-    mix_rate: List[float] = field(default_factory=lambda: [0.5, 0.5])  # share of the utterance covered
-    num_segments: List[int] = field(default_factory=lambda: [1, 1])  # interference segments
+    snr: List[float] = field(default_factory=lambda: [-5.0, 20.0])  # dB range, noise
+    speech_snr: List[float] = field(default_factory=lambda: [-5.0, 5.0])  # dB range, speech-in-speech
+    mix_rate: List[float] = field(default_factory=lambda: [0.5, 0.5])  # range of the share of the utterance covered
+    num_segments: List[int] = field(default_factory=lambda: [1, 1])  # range of the number of interference segments
 
 
 @dataclass
 class DataConfig:
     """Where the cuts are and how they become batches."""
 
-    train_cuts: List[str] = field(default_factory=list)  # CutSet manifests or Shar folders
+    train_cuts: List[str] = field(default_factory=list)  # CutSet manifests (.jsonl.gz, local or URL) or Shar folders
     train_weights: List[float] = field(default_factory=list)  # one per train_cuts entry; empty: equal
-    val_cuts: List[str] = field(default_factory=list)
-    noise_cuts: List[str] = field(default_factory=list)
-    bins: Optional[str] = None  # bins.yaml from `prepare.py bins`
-    bucket_batch_size: Optional[str] = None  # batch_sizes.yaml from `prepare.py calibrate`
+    val_cuts: List[str] = field(default_factory=list)  # validation CutSets (empty: no validation)
+    noise_cuts: List[str] = field(default_factory=list)  # noise CutSets from `prepare.py noise` (empty: speech-in-speech only)
+    bins: Optional[str] = None  # bins.yaml from `prepare.py bins` (null: estimated from the first cuts)
+    bucket_batch_size: Optional[str] = None  # batch_sizes.yaml from `prepare.py calibrate` (replaces batch_duration)
     batch_duration: float = 600.0  # seconds of audio per batch, padding included
-    quadratic_duration: Optional[float] = None
-    num_buckets: int = 30
-    min_duration: float = 1.0
-    max_duration: float = 60.0
-    shuffle_buffer_size: int = 10000
-    drop_last: bool = True
-    num_workers: int = 2
+    quadratic_duration: Optional[float] = None  # lhotse's quadratic_duration: penalise long cuts (null: off)
+    num_buckets: int = 30  # duration buckets when data.bins is not given
+    min_duration: float = 1.0  # shorter cuts are left out (seconds)
+    max_duration: float = 60.0  # longer cuts are left out (seconds)
+    shuffle_buffer_size: int = 10000  # cuts held by the bucketing sampler for shuffling
+    drop_last: bool = True  # drop the last, incomplete batch of each bucket
+    num_workers: int = 2  # dataloader processes per rank (Shar: each reads its own shards)
     val_batch_duration: Optional[float] = None  # default: batch_duration
+    max_failed_fraction: float = 0.1  # stop when more than this share of recent cuts failed to load
+    read_timeout: float = 60.0  # seconds before a stalled audio read counts as failed (0: wait forever)
     noise: NoiseConfig = field(default_factory=NoiseConfig)

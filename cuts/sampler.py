@@ -1,27 +1,58 @@
 """Lhotse's DynamicBucketingSampler over lazy CutSets, wrapped for endless epochs and exact resume."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
 from lhotse import CutSet
+from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
 
 from cuts.bins import Bins
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
+from cuts.io import read_jsonl
+from cuts.shar import is_shar, is_url, list_shards
+
+log = logging.getLogger(__name__)
+
+
+class ManifestCuts:
+    """The cuts of a JSON-lines manifest (local, gzip or any URL lhotse's I/O reads), read lazily; a
+    malformed line is logged with its file and line number, counted and skipped."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.bad_lines = 0
+
+    def __iter__(self):
+        for n, item in read_jsonl(self.source):
+            try:
+                if isinstance(item, Exception):
+                    raise item
+                yield deserialize_item(item)
+            except Exception as e:
+                self.bad_lines += 1
+                log.warning("skipping %s:%d: bad manifest line (%s: %s)", self.source, n, type(e).__name__, e)
 
 
 def open_cuts(source: str, seed: int) -> CutSet:
-    """A lazy CutSet from a manifest (jsonl/jsonl.gz) or a Lhotse Shar folder."""
-    path = Path(source)
-    if path.is_dir():
-        return CutSet.from_shar(in_dir=path, shuffle_shards=True, seed=seed)
-    if not path.is_file():
+    """A lazy CutSet from a manifest (jsonl/jsonl.gz, local or URL) or a Lhotse Shar folder (local or URL)."""
+    source = str(source)
+    if is_shar(source):
+        shards = list_shards(source)
+        fields = {"cuts": [s.cuts for s in shards]}
+        if shards[0].recording:
+            fields["recording"] = [s.recording for s in shards]
+        return CutSet.from_shar(fields=fields, shuffle_shards=True, seed=seed)
+    if not is_url(source) and not Path(source).is_file():
         raise FileNotFoundError(f"cuts {source!r} not found: give a CutSet manifest or a Shar folder")
-    return CutSet.from_file(path) if path.suffix == ".json" else CutSet.from_jsonl_lazy(path)
+    if source.endswith(".json") and not is_url(source):
+        return CutSet.from_file(source)
+    return CutSet(ManifestCuts(source))
 
 
 def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) -> CutSet:
@@ -83,6 +114,15 @@ def build_sampler(
     return DynamicBucketingSampler(cuts, **kwargs)
 
 
+class NoBatchError(RuntimeError):
+    """The sampler made no batch out of the data."""
+
+
+NO_BATCH = ("the sampler made no batch: check data.min_duration/max_duration against your cut durations, and "
+            "data.num_buckets or data.bins against the amount of data (with drop_last, a bucket that never fills a "
+            "batch yields nothing; `prepare.py report` shows each bucket's batches)")
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Yields SamplerItem(cuts, epoch, index) from a lhotse sampler, one epoch after another when
     ``endless``. ``position`` (epoch, batches already consumed) restores a run exactly: the
@@ -103,11 +143,7 @@ class EpochSampler(torch.utils.data.Sampler):
                 if index >= skip:
                     yield SamplerItem(cuts=cuts, epoch=epoch, index=index)
             if count == 0:
-                raise RuntimeError(
-                    "the sampler made no batch: check data.min_duration/max_duration against your cut "
-                    "durations, and data.num_buckets or data.bins against the amount of data (with drop_last, "
-                    "a bucket that never fills a batch yields nothing)"
-                )
+                raise NoBatchError(NO_BATCH)
             if not self.endless:
                 return
             epoch, skip = epoch + 1, 0

@@ -5,15 +5,26 @@ import fnmatch
 import io
 import pickle
 import tarfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import yaml
+from torch import nn
 
-from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, PreprocessorConfig, QuantizerConfig
+from nest.config import (
+    ConfigError,
+    EncoderConfig,
+    MaskingConfig,
+    ModelConfig,
+    PreprocessorConfig,
+    QuantizerConfig,
+    W2vBertConfig,
+    validate_w2vbert,
+)
 from nest.model import NestModel
+from nest.w2vbert import W2vBertModel
 
 # Buffers that NeMo stores and we derive from the config.
 DERIVED_NEMO_KEYS = ("preprocessor.featurizer.window", "preprocessor.featurizer.fb")
@@ -109,26 +120,172 @@ def model_config_from_nemo(nemo: dict) -> ModelConfig:
     )
 
 
+# NeMo's SpeechEncDecSelfSupervisedModel names -> ours (W2vBertModel); encoder keys are the same.
+W2VBERT_NEMO_PREFIXES = {
+    "decoder_losses.contrastive.decoder.": "contrastive_decoder.",
+    "decoder_losses.contrastive.loss.quantizer.": "quantizer.",
+    "decoder_losses.contrastive.loss.target_proj.": "target_proj.",
+    "decoder_losses.mlm.decoder.": "mlm_decoder.",
+}
+
+
+def _target(section: dict, cls: str, where: str) -> None:
+    target = str(section.get("_target_", cls))
+    if target.rsplit(".", 1)[-1] != cls:
+        raise CheckpointError(f"{where}._target_={target!r} is not supported here (only {cls})")
+
+
+def _loss_entry(losses: dict, name: str) -> dict:
+    """One entry of NeMo's loss_list, refusing the options we do not implement."""
+    entry = losses[name]
+    for key, allowed in (("output_from_layer", [None]), ("transpose_encoded", [False])):
+        _require(entry, key, allowed, f"loss_list.{name}")
+    if name == "contrastive":
+        _require(entry, "start_step", [0], "loss_list.contrastive")
+    return entry
+
+
+def w2vbert_config_from_nemo(nemo: dict) -> ModelConfig:
+    """Map a NeMo SpeechEncDecSelfSupervisedModel config onto ours, refusing what we do not implement.
+
+    Preprocessor and encoder map as NEST's; absent keys take the defaults of NeMo's classes.
+    """
+    losses = nemo.get("loss_list") or {}
+    if not losses:
+        raise CheckpointError("model: SpeechEncDecSelfSupervisedModel without loss_list (one decoder_ssl and "
+                              "loss) is not supported; only loss_list with contrastive [+ mlm]")
+    active = [k for k, v in losses.items() if v.get("is_active", True)]
+    if "contrastive" not in active or set(active) - {"contrastive", "mlm"}:
+        raise CheckpointError(f"loss_list: active losses {active} are not supported (contrastive, optionally mlm)")
+    for key in ("dropout_features", "dropout_features_q", "feature_penalty"):
+        if nemo.get(key):
+            raise CheckpointError(f"model.{key}={nemo[key]!r} is not supported here")
+    spec = nemo.get("spec_augment") or {}
+    _target(spec, "MaskedPatchAugmentation", "spec_augment")
+    c = _loss_entry(losses, "contrastive")
+    cdec, closs = c.get("decoder", {}), c.get("loss", {})
+    _target(cdec, "ConvASRDecoderReconstruction", "loss_list.contrastive.decoder")
+    _target(closs, "ContrastiveLoss", "loss_list.contrastive.loss")
+    where = "loss_list.contrastive."
+    for key, allowed in (("stride_layers", [0]), ("non_stride_layers", [0]), ("activation", ["relu"]),
+                         ("apply_softmax", [False])):
+        _require(cdec, key, allowed, where + "decoder")
+    for key, allowed in (("sample_from_same_utterance_only", [True]), ("sample_from_non_masked", [False]),
+                         ("reduce_ids", [False])):
+        _require(closs, key, allowed, where + "loss")
+    base = model_config_from_nemo(nemo)
+    factor, features = base.encoder.subsampling_factor, base.preprocessor.features
+    proj_dim = int(closs.get("proj_dim", 128))
+    sizes = {"decoder.feat_hidden": cdec.get("feat_hidden", proj_dim), "decoder.feat_out": cdec.get("feat_out", proj_dim)}
+    for key, value in sizes.items():
+        if int(value) != proj_dim:
+            raise CheckpointError(f"{where}{key}={value} must equal loss.proj_dim={proj_dim} here")
+    if int(closs.get("in_dim", features)) != features or int(closs.get("combine_time_steps", 1)) != factor:
+        raise CheckpointError(f"{where}loss: in_dim must be preprocessor.features={features} and "
+                              f"combine_time_steps the subsampling factor {factor}")
+    mlm = "mlm" in active
+    w = W2vBertConfig(
+        patch_size=int(spec.get("patch_size", 48)),
+        mask_patches=float(spec.get("mask_patches", 10.0)),
+        freq_masks=int(spec.get("freq_masks", 0)),
+        freq_width=int(spec.get("freq_width", 0)),
+        decoder_out=proj_dim,
+        quantized_targets=bool(closs.get("quantized_targets", False)),
+        codebook_size=int(closs.get("codebook_size", 320)),
+        num_groups=int(closs.get("num_groups", 2)),
+        num_negatives=int(closs.get("num_negatives", 100)),
+        logit_temp=float(closs.get("logit_temp", 0.1)),
+        prob_ppl_weight=float(closs.get("prob_ppl_weight", 0.1)),
+        reduce=str(closs.get("reduce", "sum")),
+        multiplier=float(closs.get("multiplier", 16.0)),
+        quantizer_temp_start=float(closs.get("quantizer_temp_start", 2.0)),
+        quantizer_temp_min=float(closs.get("quantizer_temp_min", 0.5)),
+        quantizer_temp_decay=float(closs.get("quantizer_temp_decay", 0.999995)),
+        mask_threshold=float(closs.get("mask_threshold", 0.8)),
+        contrastive_alpha=float(c.get("loss_alpha", 1.0)),
+        mlm=mlm,
+    )
+    if mlm:
+        m = _loss_entry(losses, "mlm")
+        mdec, mloss = m.get("decoder", {}), m.get("loss", {})
+        where = "loss_list.mlm."
+        _target(mdec, "ConvASRDecoder", where + "decoder")
+        _target(mloss, "MLMLoss", where + "loss")
+        _require(m, "targets_from_loss", ["contrastive"], "loss_list.mlm")
+        _require(closs, "store_ids", [True], "loss_list.contrastive.loss")
+        _require(mdec, "add_blank", [True], where + "decoder")
+        _require(mdec, "vocabulary", [None], where + "decoder")
+        _require(mdec, "num_classes", [w.codebook_size**w.num_groups], where + "decoder")
+        # Absent keys take MLMLoss's defaults, which must agree with the contrastive loss's steps too.
+        mloss = {"combine_time_steps": 1, "mask_threshold": 0.8, **mloss}
+        _require(mloss, "combine_time_steps", [factor], where + "loss")
+        _require(mloss, "mask_threshold", [w.mask_threshold], where + "loss")
+        w = replace(w, mlm_alpha=float(m.get("loss_alpha", 1.0)), mlm_start_step=int(m.get("start_step", 0)))
+    try:
+        validate_w2vbert(w, features)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return replace(base, objective="w2vbert", w2vbert=w)
+
+
+def is_w2vbert_nemo(nemo: dict) -> bool:
+    """Whether a NeMo model config is a SpeechEncDecSelfSupervisedModel (Wav2vec-BERT-style)."""
+    return str(nemo.get("target", "")).endswith("SpeechEncDecSelfSupervisedModel") or "loss_list" in nemo
+
+
 def load_nemo(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and state dict (our key names) of a NeMo NEST ``.nemo`` checkpoint."""
+    """Config and state dict (our key names) of a NeMo NEST or Wav2vec-BERT ``.nemo`` checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such .nemo file")
     nemo_cfg, weights = _nemo_members(path)
-    cfg = model_config_from_nemo(nemo_cfg)
     state = {k: v for k, v in weights.items() if k not in DERIVED_NEMO_KEYS}
-    return cfg, state
+    if not is_w2vbert_nemo(nemo_cfg):
+        return model_config_from_nemo(nemo_cfg), state
+    try:
+        cfg = w2vbert_config_from_nemo(nemo_cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in W2VBERT_NEMO_PREFIXES if key.startswith(p)), None)
+        renamed[W2VBERT_NEMO_PREFIXES[prefix] + key[len(prefix):] if prefix else key] = value
+    return cfg, renamed
+
+
+def build_model(cfg: ModelConfig) -> NestModel | W2vBertModel:
+    """The model of ``cfg.objective``."""
+    return W2vBertModel(cfg) if cfg.objective == "w2vbert" else NestModel(cfg)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did, by parameter name."""
+
+    loaded: list[str]  # copied into the model
+    skipped: list[str]  # in the checkpoint, not selected by the include/exclude patterns
+
+    def __str__(self) -> str:
+        encoder = sum(k.startswith("encoder.") for k in self.loaded)
+        return f"{len(self.loaded)} tensors loaded ({encoder} of the encoder), {len(self.skipped)} not selected"
 
 
 def load_weights(
-    model: NestModel, state: dict[str, torch.Tensor], name: str, include=(), exclude=(), strict: bool = True
-) -> list[str]:
-    """Copy matching tensors of ``state`` into ``model``; report unknown, missing or mis-shaped keys by name.
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, include=(), exclude=(), strict: bool = True
+) -> LoadReport:
+    """Copy the selected tensors of ``state`` into ``model``; unknown, missing or mis-shaped ones are errors.
 
-    ``include``/``exclude`` are fnmatch patterns on parameter names (e.g. ``encoder.*``). With
-    ``strict``, any missing or unknown key among the selected ones is an error; returns the loaded keys.
+    ``include``/``exclude`` are fnmatch patterns on parameter names (e.g. ``encoder.*``): a pattern that matches
+    nothing is an error, and so is a selection that loads no encoder tensor. With ``strict`` every tensor of the
+    model must come from the checkpoint.
     """
     own = model.state_dict()
+    for kind, patterns in (("init_include", include), ("init_exclude", exclude)):
+        for p in patterns:
+            if not any(fnmatch.fnmatch(k, p) for k in state):
+                prefixes = sorted({k.split(".")[0] + ".*" for k in state})
+                raise CheckpointError(f"{name}: {kind} pattern {p!r} matches no tensor of the checkpoint "
+                                      f"(its tensors: {', '.join(prefixes)})")
 
     def selected(key: str) -> bool:
         inc = not include or any(fnmatch.fnmatch(key, p) for p in include)
@@ -142,29 +299,59 @@ def load_weights(
     )
     problems = []
     if unknown:
-        problems.append(f"unknown keys: {', '.join(unknown)}")
-    if missing and strict:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"tensors the model does not have: {', '.join(unknown)}")
+    if missing and (strict or include):
+        problems.append(f"tensors the checkpoint lacks: {', '.join(missing)}")
     if shape:
         problems.append(f"shape mismatch: {'; '.join(shape)}")
-    if problems and strict:
+    if problems:
         raise CheckpointError(f"{name}: " + " | ".join(problems))
-    loaded = [k for k in state if selected(k) and k in own and state[k].shape == own[k].shape]
+    report = LoadReport(loaded=[k for k in state if selected(k)], skipped=[k for k in state if not selected(k)])
+    if not any(k.startswith("encoder.") for k in report.loaded):
+        raise CheckpointError(f"{name}: the selection loads no encoder tensor ({report}); check init_include/"
+                              f"init_exclude")
     with torch.no_grad():
-        for k in loaded:
+        for k in report.loaded:
             own[k].copy_(state[k])
-    return loaded
+    return report
 
 
-def nemo_model(path: str | Path) -> NestModel:
-    """A NestModel built and loaded from a NeMo ``.nemo`` file, in eval mode."""
+# Settings that change what a tensor computes, by the parameters they concern; dropout, stochastic depth,
+# dither and masking only change training.
+_COMPUTE_KEYS = {
+    "preprocessor": ("sample_rate", "window_size", "window_stride", "features", "n_fft", "preemph",
+                     "log_zero_guard_value", "pad_to"),
+    "encoder": ("n_layers", "d_model", "n_heads", "subsampling_factor", "subsampling_conv_channels",
+                "ff_expansion_factor", "conv_kernel_size", "conv_norm_type", "xscaling", "untie_biases", "use_bias"),
+    "quantizer": ("num_classes", "num_books", "code_dim", "dist_fn"),
+}
+
+
+def config_differences(theirs: ModelConfig, ours: ModelConfig, loaded: Iterable[str]) -> list[str]:
+    """``model.x: checkpoint A, this run B`` for each setting that differs and matters to the loaded tensors."""
+    prefixes = {k.split(".")[0] for k in loaded}
+    sections = ["preprocessor", "encoder"] if prefixes & {"encoder", "preprocessor"} else []
+    if prefixes & {"quantizer", "decoder"}:
+        sections += ["preprocessor", "quantizer"]
+    out = []
+    for section in dict.fromkeys(sections):
+        a, b = getattr(theirs, section), getattr(ours, section)
+        out += [f"model.{section}.{k}: checkpoint {getattr(a, k)!r}, this run {getattr(b, k)!r}"
+                for k in _COMPUTE_KEYS[section] if getattr(a, k) != getattr(b, k)]
+    if "decoder" in prefixes and theirs.decoder_use_bias != ours.decoder_use_bias:
+        out.append(f"model.decoder_use_bias: checkpoint {theirs.decoder_use_bias}, this run {ours.decoder_use_bias}")
+    return out
+
+
+def nemo_model(path: str | Path) -> NestModel | W2vBertModel:
+    """A NestModel or W2vBertModel built and loaded from a NeMo ``.nemo`` file, in eval mode."""
     cfg, state = load_nemo(path)
-    model = NestModel(cfg)
+    model = build_model(cfg)
     load_weights(model, state, str(path))
     return model.eval()
 
 
-def save_model(model: NestModel, path: str | Path) -> None:
+def save_model(model: NestModel | W2vBertModel, path: str | Path) -> None:
     """Our standalone checkpoint: the model config as plain data and the state dict."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -183,16 +370,20 @@ def model_config_from_dict(d: dict) -> ModelConfig:
             encoder=EncoderConfig(**d["encoder"]),
             decoder_use_bias=d["decoder_use_bias"],
             mask_threshold=d["mask_threshold"],
+            # Checkpoints older than the w2vbert objective are NEST's.
+            objective=d.get("objective", "nest"),
+            targets=d.get("targets", "random_projection"),
+            w2vbert=W2vBertConfig(**d.get("w2vbert", {})),
         )
     except (KeyError, TypeError) as e:
         raise ConfigError(f"model config in checkpoint is not of this version: {e}") from None
 
 
-def load_model(path: str | Path) -> NestModel:
-    """A NestModel from our checkpoint (``save_model`` or a Lightning .ckpt of train.py) or a ``.nemo`` file."""
+def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Model config and state dict (our key names) of our checkpoint or a NeMo ``.nemo`` file, read as data."""
     path = Path(path)
     if path.suffix == ".nemo":
-        return nemo_model(path)
+        return load_nemo(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     ckpt = safe_torch_load(path, str(path))
@@ -203,6 +394,23 @@ def load_model(path: str | Path) -> NestModel:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     else:
         raise CheckpointError(f"{path}: neither a checkpoint of this project nor a .nemo file")
-    model = NestModel(model_config_from_dict(cfg))
+    return model_config_from_dict(cfg), state
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model configuration stored in a checkpoint of ours or a ``.nemo`` file."""
+    path = Path(path)
+    if path.suffix == ".nemo":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such .nemo file")
+        nemo = _nemo_members(path)[0]
+        return w2vbert_config_from_nemo(nemo) if is_w2vbert_nemo(nemo) else model_config_from_nemo(nemo)
+    return load_state(path)[0]
+
+
+def load_model(path: str | Path) -> NestModel:
+    """A model from our checkpoint (``save_model`` or a Lightning .ckpt of train.py) or a ``.nemo`` file, in eval mode."""
+    cfg, state = load_state(path)
+    model = build_model(cfg)
     load_weights(model, state, str(path))
     return model.eval()

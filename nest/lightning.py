@@ -1,180 +1,404 @@
-"""The one LightningModule: a shared step for training and validation, metrics, optimizer, guards."""
+"""The one LightningModule: a shared step for training and validation, metrics, optimizer, guards.
+
+Optimisation is manual (Lightning's manual optimization) so that a step is exact and never waits on the
+accelerator outside logging steps (`trainer.log_every_n_steps`):
+- A non-finite loss or gradient skips the optimizer step on the device: the fused AdamW kernel receives
+  ``found_inf`` as GradScaler hands it over, and leaves parameters, moments and its step count untouched.
+  The flag is all-reduced (max) over ranks, so every replica skips together; BatchNorm statistics of any
+  kind (BatchNorm1d, SyncBatchNorm) touched by a non-finite forward pass are put back. How many steps were
+  skipped is read on the host only at logging steps (and checked against ``max_bad_steps`` there).
+- Gradient accumulation is ours (``accumulate_grad_batches``): the backward passes of a window but the
+  last run under DDP's ``no_sync``, so each window costs one gradient all-reduce, and the skip decision
+  covers the whole window on every rank.
+- A batch whose every cut failed to load arrives as one second of silence with no cut ids: it runs
+  forward and backward with weight 0, so every rank takes part in every collective.
+- A step that runs out of accelerator memory is retried as two half batches and counted. Under DDP a
+  retry is only safe when nothing collective ran yet: an out-of-memory error in the forward pass of a
+  model without SyncBatchNorm; otherwise the run stops with a message (resume=auto continues it).
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from cuts.dataset import AudioNoiseBatch
-from nest.checkpoint import model_config_from_dict
+from nest.checkpoint import build_model, model_config_from_dict
 from nest.config import ModelConfig, OptimConfig
-from nest.model import NestModel, NestOutput, noam_lambda
+from nest.model import noam_lambda
+
+log = logging.getLogger(__name__)
 
 
-def batch_torch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+def batch_torch_seed(seed: int, rank: int, epoch: int, index: int, worker: int = -1) -> int:
     """The torch seed for one training batch on one rank."""
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 15_485_863 + index * 104_729) % 2**63
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 15_485_863 + index * 104_729 + (worker + 1) * 611_953) % 2**63
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
 
 
-def codebook_perplexity(tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """exp(entropy) of the target-token histogram, averaged over codebooks: how many codes are in use."""
-    flat = tokens.reshape(-1, tokens.shape[-1])  # (B*T', N)
-    counts = torch.stack([torch.bincount(flat[:, n], minlength=num_classes) for n in range(flat.shape[1])]).float()
-    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
+class DataLoadError(RuntimeError):
+    """Too many cuts of the recent batches failed to load."""
+
+
+@dataclass
+class StepOptions:
+    """What the training step needs beyond the model: taken from the trainer and data sections."""
+
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0
+    max_bad_steps: int = 20
+    max_failed_fraction: float = 0.1
+
+
+@dataclass
+class RunTotals:
+    """Counters of the whole run, all ranks and every resume included (kept in checkpoints)."""
+
+    audio_seconds: float = 0.0
+    padded_seconds: float = 0.0
+    cuts: int = 0
+    failed_cuts: int = 0
+    skipped_steps: int = 0
+    oom_retries: int = 0
+    first_loss: Optional[float] = None  # mean loss of the first logging window
+    last_loss: Optional[float] = None  # mean loss of the last logging window
+
+
+@dataclass
+class _Window:
+    """Host-side counts of this rank since the last logging step."""
+
+    audio_seconds: float = 0.0
+    padded_seconds: float = 0.0
+    cuts: int = 0
+    failed: int = 0
+    first_failures: list = field(default_factory=list)  # (cut id, reason), a few
+    data_wait: float = 0.0
+    batches: int = 0
+    # The whole window since the last logging step (the counts above may have gone to the totals earlier).
+    window_audio: float = 0.0
+    window_cuts: int = 0
+    window_failed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def norm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Running statistics of every BatchNorm kind in ``model`` (BatchNorm1d, SyncBatchNorm, ...)."""
+    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+def _all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce without Lightning's barrier (which would block the host on NCCL)."""
+    if _world() > 1:
+        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t
 
 
 class NestLightningModule(pl.LightningModule):
-    def __init__(self, model_config: dict, optim_config: dict, max_bad_steps: int = 20, seed: int = 0,
+    def __init__(self, model_config: dict, optim_config: dict, step_config: Optional[dict] = None, seed: int = 0,
                  val_seed: int = 0):
         super().__init__()
         # Plain dicts, so that checkpoints load with weights_only=True.
         self.save_hyperparameters()
+        self.automatic_optimization = False
         self.model_cfg: ModelConfig = model_config_from_dict(model_config)
         self.optim_cfg = OptimConfig(**optim_config)
-        self.model = NestModel(self.model_cfg)
-        self.max_bad_steps = max_bad_steps
-        self.seed = seed
-        self.val_seed = val_seed
-        self.bad_steps = 0
-        self.skipped_steps = 0
-        self.audio_seconds = 0.0
-        self.padded_seconds = 0.0
-        self.loss_history: list[float] = []
-        self._last_time: Optional[float] = None
-        self._data_wait = 0.0
+        self.step_cfg = StepOptions(**(step_config or {}))
+        self.model = build_model(self.model_cfg)
+        self.seed, self.val_seed = seed, val_seed
+        self.totals = RunTotals()
+        self._window = _Window()
+        self._micro = 0  # micro-batches done in the current accumulation window
+        self._norm_buffers: list[torch.Tensor] = []
+        self._state: dict[str, torch.Tensor] = {}  # device-side flags and sums, see _device_state
+        self._last_batch_end: Optional[float] = None
 
-    def forward(self, batch: AudioNoiseBatch) -> NestOutput:
-        return self.model(batch.audio, batch.audio_lens, batch.noisy_audio, batch.noisy_audio_lens)
+    # ---- batches -----------------------------------------------------------------------------------
+    def forward(self, batch: AudioNoiseBatch):
+        extra = {} if batch.targets is None else {"targets": batch.targets}
+        return self.model(batch.audio, batch.audio_lens, batch.noisy_audio, batch.audio_lens, **extra)
 
-    def shared_step(self, batch: AudioNoiseBatch, stage: str) -> tuple[torch.Tensor, dict]:
-        out = self(batch)
-        sel = out.token_mask[:, : out.log_probs.shape[1]]
-        with torch.no_grad():
-            pred = out.log_probs.argmax(2)  # (B, T', N)
-            correct = (pred == out.tokens[:, : pred.shape[1]])[sel]
-            sr = self.model_cfg.preprocessor.sample_rate
-            audio_s = batch.audio_lens.sum().item() / sr
-            total_s = batch.audio.shape[0] * batch.audio.shape[1] / sr
-            valid_frames = (torch.arange(out.frame_mask.shape[1], device=self.device)[None]
-                            < self.model.preprocessor.num_frames(batch.noisy_audio_lens)[:, None])
-            metrics = {
-                f"{stage}/loss": out.loss.detach(),
-                f"{stage}/masked_accuracy": correct.float().mean() if correct.numel() else torch.tensor(0.0),
-                f"{stage}/target_perplexity": codebook_perplexity(out.tokens, self.model_cfg.quantizer.num_classes),
-                f"{stage}/masked_fraction": (out.frame_mask & valid_frames).sum() / valid_frames.sum().clamp(min=1),
-                f"{stage}/padding_ratio": torch.tensor(1.0 - audio_s / max(total_s, 1e-9)),
-            }
-        return out.loss, {"audio_s": audio_s, "total_s": total_s, "metrics": metrics}
+    def on_train_start(self) -> None:
+        # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
+        self._norm_buffers = norm_buffers(self.model)
+        self._window = _Window()
 
+    def _device_state(self) -> dict[str, torch.Tensor]:
+        if not self._state or next(iter(self._state.values())).device != self.device:
+            z = lambda dtype=torch.float32: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
+            self._state = {"bad": z(torch.bool), "loss_sum": z(), "loss_n": z(), "skipped": z(), "consecutive": z(),
+                           "one": z() + 1}
+            self._state["skipped"] += self.totals.skipped_steps
+        return self._state
+
+    def _should_log(self) -> bool:
+        return self.trainer._logger_connector.should_update_logs  # Lightning's own cadence for this batch
+
+    # ---- training ----------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: AudioNoiseBatch, batch_idx: int) -> None:
-        if self._last_time is not None:
-            self._data_wait = time.perf_counter() - self._last_time
+        if self._last_batch_end is not None:
+            self._window.data_wait += time.perf_counter() - self._last_batch_end
         # Masks, dither and dropout draw from torch's generators, seeded per batch and rank: a resumed
         # run draws exactly what the uninterrupted one did, and ranks draw differently.
-        torch.manual_seed(batch_torch_seed(self.seed, self.global_rank, batch.epoch, batch.index))
-        # Marked before the step: Lightning saves step checkpoints at the end of the batch, in callback
-        # hooks that run before this module's on_train_batch_end.
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "mark_consumed"):
-            dm.mark_consumed(batch.epoch, batch.index)
+        torch.manual_seed(batch_torch_seed(self.seed, self.global_rank, batch.epoch, batch.index, batch.worker))
 
-    def training_step(self, batch: AudioNoiseBatch, batch_idx: int):
-        start = time.perf_counter()
-        if len(batch) == 0:
-            return None  # every cut of the batch failed to load; already counted
-        # A non-finite forward pass would poison BatchNorm's running statistics even when the step is
-        # skipped: keep a copy of them (a few KB) to put back.
-        norm_stats = [(b, b.clone()) for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm1d)
-                      for b in m.buffers()]
-        loss, info = self.shared_step(batch, "train")
-        finite = torch.isfinite(loss).float()
-        finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self.trainer.world_size > 1 else finite
-        if finite.item() < 1:
-            # Skip on every rank together, so that DDP never waits for a gradient that will not come.
-            for buffer, saved in norm_stats:
-                buffer.copy_(saved)
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps))
-            if self.bad_steps >= self.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} consecutive steps had a non-finite loss (last at step {self.global_step}); "
-                    f"stopping. The last good checkpoint is kept; lower optim.lr or check the data."
-                )
-            return None
-        self.bad_steps = 0
-        self.audio_seconds += info["audio_s"]
-        self.padded_seconds += info["total_s"] - info["audio_s"]
-        self.loss_history.append(loss.item())
-        m = info["metrics"]
-        m["train/audio_s_per_s"] = torch.tensor(info["audio_s"] / max(time.perf_counter() - start + self._data_wait, 1e-9))
-        m["train/data_wait_s"] = torch.tensor(self._data_wait)
-        m["train/failed_cuts"] = torch.tensor(float(batch.num_failed))
-        m["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-        self.log_dict(m, prog_bar=False, batch_size=len(batch))
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
-        self.log("audio_s/s", m["train/audio_s_per_s"], prog_bar=True, logger=False, batch_size=len(batch))
-        return loss
+    def training_step(self, batch: AudioNoiseBatch, batch_idx: int) -> None:
+        s = self._device_state()
+        self.model.set_num_updates(self.global_step)  # w2vbert's Gumbel temperature follows the step
+        A = self.step_cfg.accumulate_grad_batches
+        self._micro += 1
+        last = self._micro == A
+        weight = 1.0 if len(batch) else 0.0
+        saved = [b.clone() for b in self._norm_buffers]
+        no_sync = contextlib.nullcontext() if last else self._no_sync()
+        with no_sync:
+            loss, out = self._forward_backward(batch, weight / A, last)
+        self.last_loss = loss  # (device) read by tests' traces, never by the step
+        finite = torch.isfinite(loss)
+        for buffer, old in zip(self._norm_buffers, saved):
+            buffer.copy_(torch.where(finite, buffer, old))
+        s["bad"] |= ~finite
+        s["loss_sum"] += torch.where(finite, loss, 0.0) * weight
+        s["loss_n"] += finite.float() * weight
+        self._count_batch(batch)
+        if last:
+            self._optimizer_step()
+            self._micro = 0
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "batch_done"):
+            # After the optimizer step: a checkpoint taken now resumes after this accumulation window.
+            dm.batch_done(batch, window_end=last)
+        if self._should_log():
+            self._log_train(out)
+
+    def _no_sync(self):
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else contextlib.nullcontext()
+
+    def _forward_backward(self, batch: AudioNoiseBatch, weight: float, last: bool):
+        """Forward and backward of ``batch`` (its loss scaled by ``weight``); retried as two halves when the
+        accelerator runs out of memory. Returns the detached loss and the model output."""
+        stage = "forward"
+        try:
+            out = self(batch)
+            stage = "backward"
+            self.manual_backward(out.loss * weight)
+            return out.loss.detach(), out
+        except torch.OutOfMemoryError as e:
+            out = None
+            self._check_retry_is_safe(stage, batch, e)
+        if stage == "backward":  # the first of its window (else refused above): drop its partial gradients
+            self.optimizers().zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.totals.oom_retries += 1
+        halves = [h for h in batch.split() if h.audio.shape[0]]
+        log.warning("out of memory in the %s pass of a batch of %d x %.1f s: retrying it as two halves", stage,
+                    batch.audio.shape[0], batch.audio.shape[1] / self.model_cfg.preprocessor.sample_rate)
+        total = sum(h.audio.shape[0] for h in halves)
+        losses, out = [], None
+        for i, half in enumerate(halves):
+            share = half.audio.shape[0] / total  # the halves are weighted by their utterances
+            sync = self._no_sync() if last and i < len(halves) - 1 else contextlib.nullcontext()
+            with sync:
+                out = self(half)
+                self.manual_backward(out.loss * weight * share)
+            losses.append(out.loss.detach() * share)
+        return torch.stack(losses).sum(), out
+
+    def _check_retry_is_safe(self, stage: str, batch: AudioNoiseBatch, error: Exception) -> None:
+        distributed = _world() > 1
+        sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
+        partial_grads = stage == "backward" and self._micro > 1
+        if distributed and (stage == "backward" or sync_bn) or partial_grads:
+            raise RuntimeError(
+                f"out of memory in the {stage} pass of a batch of {batch.audio.shape[0]} utterances x "
+                f"{batch.audio.shape[1] / self.model_cfg.preprocessor.sample_rate:.1f} s, where a retry cannot "
+                f"be made safely ({'DDP collectives already ran' if distributed else 'gradients of the window are mixed'}): "
+                f"lower data.batch_duration or the calibrated batch sizes (prepare.py calibrate --memory-fraction) "
+                f"and continue with resume=auto"
+            ) from error
+
+    def _optimizer_step(self) -> None:
+        s = self._device_state()
+        opt = self.optimizers()
+        found = s["bad"].float()
+        grads: dict[tuple, list[torch.Tensor]] = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for group in grads.values():  # found |= any non-finite gradient, on the device (GradScaler's kernel)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, s["one"])
+        _all_reduce_(found, torch.distributed.ReduceOp.MAX)  # every rank skips together
+        if self.step_cfg.gradient_clip_val > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.step_cfg.gradient_clip_val, gradient_clip_algorithm="norm")
+        torch_opt = opt.optimizer
+        torch_opt.found_inf = found  # read by the fused AdamW kernel: skip the update where it is 1
+        try:
+            opt.step()
+        finally:
+            del torch_opt.found_inf
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        s["skipped"] += found
+        s["consecutive"] = (s["consecutive"] + 1) * found
+        s["bad"].zero_()
+
+    def _count_batch(self, batch: AudioNoiseBatch) -> None:
+        w = self._window
+        sr = self.model_cfg.preprocessor.sample_rate
+        total = batch.audio.shape[0] * batch.audio.shape[1] / sr if len(batch) else 0.0
+        w.audio_seconds += batch.audio_seconds
+        w.window_audio += batch.audio_seconds
+        w.padded_seconds += total - batch.audio_seconds
+        w.cuts += len(batch)
+        w.failed += batch.num_failed
+        w.window_cuts += len(batch)
+        w.window_failed += batch.num_failed
+        w.batches += 1
+        w.first_failures.extend(batch.failed[: max(0, 5 - len(w.first_failures))])
 
     def on_train_batch_end(self, outputs, batch: AudioNoiseBatch, batch_idx: int) -> None:
-        self._last_time = time.perf_counter()
+        self._last_batch_end = time.perf_counter()
 
+    def _log_train(self, out) -> None:
+        """Logging step: one all-reduce of this window's numbers, one read on the host, then checks."""
+        s, w = self._device_state(), self._window
+        elapsed = max(time.perf_counter() - w.started, 1e-9)
+        world = _world()
+        host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.data_wait, w.batches,
+                             w.window_audio, w.window_cuts, w.window_failed], dtype=torch.float64, device=self.device)
+        # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
+        packed = torch.cat([torch.stack([s["loss_sum"], s["loss_n"], s["skipped"], s["consecutive"]]).double(), host])
+        (loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, wait, batches, window_audio, window_cuts,
+         window_failed) = \
+            _all_reduce_(packed).tolist()  # the one host sync of a logging step
+        skipped, consecutive = round(skipped / world), round(consecutive / world)
+        t = self.totals
+        t.audio_seconds += audio
+        t.padded_seconds += padded
+        t.cuts += int(cuts)
+        t.failed_cuts += int(failed)
+        new_skips = int(skipped) - t.skipped_steps
+        t.skipped_steps = int(skipped)
+        mean_loss = loss_sum / loss_n if loss_n else None
+        if mean_loss is not None:
+            t.first_loss = mean_loss if t.first_loss is None else t.first_loss
+            t.last_loss = mean_loss
+        metrics = {
+            "train/audio_seconds": window_audio, "train/failed_cuts": window_failed, "train/skipped_steps": float(t.skipped_steps),
+            "train/oom_retries": float(t.oom_retries), "train/padding_ratio": padded / max(audio + padded, 1e-9),
+            "train/audio_s_per_s": window_audio / elapsed, "train/data_wait_s": wait / max(batches, 1),
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+        }
+        if mean_loss is not None:
+            metrics["train/loss"] = mean_loss
+        if len(out.encoded_lens) and hasattr(self.model, "metrics"):
+            metrics.update({f"train/{k}": v for k, v in self.model.metrics(out).items()})
+        self.log_dict(metrics, batch_size=1)
+        self.log_dict({"loss": mean_loss if mean_loss is not None else math.nan, "audio_s/s": window_audio / elapsed},
+                      prog_bar=True, logger=False, batch_size=1)
+        s["loss_sum"].zero_()
+        s["loss_n"].zero_()
+        failures, self._window = w.first_failures, _Window()
+        if new_skips:
+            log.warning("%d steps skipped for a non-finite loss or gradient since the last log (%d in all)",
+                        new_skips, t.skipped_steps)
+        if consecutive >= self.step_cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{int(consecutive)} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.global_step}); stopping. The last good checkpoint is kept; lower optim.lr or check the data."
+            )
+        seen = window_cuts + window_failed
+        if seen and window_failed / seen > self.step_cfg.max_failed_fraction:
+            named = "; ".join(f"{cid}: {why}" for cid, why in failures) or "(failures on other ranks)"
+            raise DataLoadError(
+                f"{int(window_failed)} of the {int(seen)} cuts of the last {int(batches / world)} batches failed to load "
+                f"(more than data.max_failed_fraction={self.step_cfg.max_failed_fraction}); first failures: {named}"
+            )
+
+    # ---- validation --------------------------------------------------------------------------------
     def validation_step(self, batch: AudioNoiseBatch, batch_idx: int):
         if len(batch) == 0:
             return None
         # Seeded masks: validation loss compares across runs and across validation rounds.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
-            loss, info = self.shared_step(batch, "val")
-        m = info["metrics"]
-        self.log_dict(m, sync_dist=True, batch_size=len(batch))
-        self.log("val_loss", loss, sync_dist=True, prog_bar=True, batch_size=len(batch))
-        return loss
+            out = self(batch)
+        metrics = {"val/loss": out.loss.detach()}
+        if hasattr(self.model, "metrics"):
+            metrics.update({f"val/{k}": v for k, v in self.model.metrics(out).items()})
+        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
+        self.log("val_loss", out.loss.detach(), sync_dist=True, prog_bar=True, batch_size=len(batch))
+        return None
 
+    # ---- optimizer, checkpoints, summary -------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # Fused: one kernel per step, and the only AdamW that takes found_inf (a skip decided on the device).
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, noam_lambda(self.model_cfg.encoder.d_model, o.warmup_steps, o.lr, o.min_lr)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _sync_totals(self) -> None:
+        """Add every rank's unlogged window to the run totals (a collective: called on all ranks)."""
+        w = self._window
+        d = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed], dtype=torch.float64, device=self.device)
+        audio, padded, cuts, failed = _all_reduce_(d).tolist()
+        t = self.totals
+        t.audio_seconds += audio
+        t.padded_seconds += padded
+        t.cuts += int(cuts)
+        t.failed_cuts += int(failed)
+        if self._state:
+            t.skipped_steps = round(self._state["skipped"].item())
+        self._window = _Window(started=w.started, data_wait=w.data_wait, batches=w.batches, window_audio=w.window_audio,
+                               window_cuts=w.window_cuts, window_failed=w.window_failed, first_failures=w.first_failures)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nest_counters"] = {
-            "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
-            "skipped_steps": self.skipped_steps,
-        }
+        self._sync_totals()
+        checkpoint["nest_totals"] = asdict(self.totals)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        c = checkpoint.get("nest_counters", {})
-        self.audio_seconds = c.get("audio_seconds", 0.0)
-        self.padded_seconds = c.get("padded_seconds", 0.0)
-        self.skipped_steps = c.get("skipped_steps", 0)
+        self.totals = RunTotals(**checkpoint.get("nest_totals", {}))
+        self._state = {}  # rebuilt from the totals on the next step
 
-    def summary(self) -> dict:
-        """What a run printed at its end: audio seen, padding, first and last loss."""
-        total = self.audio_seconds + self.padded_seconds
-        h = self.loss_history
-        k = max(1, min(10, len(h) // 5))
+    def on_train_end(self) -> None:
+        self._sync_totals()
+
+    def summary(self) -> dict[str, Any]:
+        """What the run did, over all ranks and resumes: audio seen, padding, first and last loss."""
+        t = self.totals
+        total = t.audio_seconds + t.padded_seconds
         return {
             "steps": int(self.global_step),
-            "audio_hours_seen": self.audio_seconds / 3600,
-            "padding_ratio": self.padded_seconds / total if total else math.nan,
-            "first_loss": sum(h[:k]) / k if h else math.nan,
-            "last_loss": sum(h[-k:]) / k if h else math.nan,
-            "skipped_steps": self.skipped_steps,
+            "audio_hours_seen": t.audio_seconds / 3600,
+            "padding_ratio": t.padded_seconds / total if total else None,
+            "first_loss": t.first_loss,
+            "last_loss": t.last_loss,
+            "cuts_seen": t.cuts,
+            "failed_cuts": t.failed_cuts,
+            "skipped_steps": t.skipped_steps,
+            "oom_retries": t.oom_retries,
         }
 
 
-def make_module(model_cfg: ModelConfig, optim_cfg: OptimConfig, max_bad_steps: int, seed: int) -> NestLightningModule:
-    return NestLightningModule(asdict(model_cfg), asdict(optim_cfg), max_bad_steps=max_bad_steps, seed=seed)
+def make_module(model_cfg: ModelConfig, optim_cfg: OptimConfig, step: StepOptions, seed: int) -> NestLightningModule:
+    return NestLightningModule(asdict(model_cfg), asdict(optim_cfg), asdict(step), seed=seed)

@@ -51,13 +51,24 @@ def token_mask_from_frames(frame_mask: torch.Tensor, combine: int, threshold: fl
 
 
 def masked_token_loss(log_probs: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss)."""
+    """Mean NLL of the targets over masked tokens and codebooks (NeMo's MultiMLMLoss); a target of -1 (a
+    k-means label position without a label) is left out."""
     T = min(log_probs.shape[1], tokens.shape[1], token_mask.shape[1])
-    nll = -log_probs[:, :T].gather(2, tokens[:, :T, None, :]).squeeze(2)  # (B, T', N)
-    sel = token_mask[:, :T]
-    if not sel.any():
-        return log_probs.sum() * 0.0  # nothing masked: no signal, but a finite loss in the graph
-    return nll[sel].mean()
+    tokens = tokens[:, :T]
+    nll = -log_probs[:, :T].gather(2, tokens.clamp(min=0)[:, :, None, :]).squeeze(2)  # (B, T', N)
+    w = (token_mask[:, :T, None] & (tokens >= 0)).to(nll.dtype)
+    # A weighted mean, not boolean indexing: no host sync. Nothing masked gives 0, still in the graph.
+    return (nll * w).sum() / w.sum().clamp(min=1)
+
+
+def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
+    weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
+    weights = weights * (flat >= 0)  # -1: no label
+    counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat.clamp(min=0), weights)
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(-1)).mean()
 
 
 class NestModel(nn.Module):
@@ -69,7 +80,9 @@ class NestModel(nn.Module):
         enc, q = cfg.encoder, cfg.quantizer
         feat_in = cfg.preprocessor.features
         self.preprocessor = MelFeatures(cfg.preprocessor)
-        self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor)
+        # With model.targets=kmeans the targets are data (cut.targets, prepare.py kmeans): no quantizer.
+        self.quantizer = RandomProjectionQuantizer(q, feat_in, enc.subsampling_factor) \
+            if cfg.targets == "random_projection" else None
         self.mask_processor = RandomBlockMasking(cfg.masking, feat_in)
         self.encoder = ConformerEncoder(enc, feat_in)
         self.decoder = MultiSoftmaxDecoder(enc.d_model, q.num_classes, q.num_books, cfg.decoder_use_bias)
@@ -82,13 +95,20 @@ class NestModel(nn.Module):
         noisy_audio_lens: torch.Tensor,
         frame_mask: Optional[torch.Tensor] = None,
         apply_mask: bool = True,
+        targets: Optional[torch.Tensor] = None,
     ) -> NestOutput:
         """Clean ``audio`` (B, S) gives targets; ``noisy_audio`` (B, S) is masked and encoded.
 
-        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw).
+        ``frame_mask`` (B, T) replaces the random masks (for reproducing a given draw). ``targets`` (B, T', N),
+        -1 where there is no label, replace the quantizer's tokens (model.targets=kmeans).
         """
-        feats, _ = self.preprocessor(audio, audio_lens)
-        tokens = self.quantizer(feats)
+        if targets is not None:
+            tokens = targets
+        elif self.quantizer is None:
+            raise ValueError("model.targets=kmeans: the batch carries no targets (train on cuts from prepare.py kmeans)")
+        else:
+            feats, _ = self.preprocessor(audio, audio_lens)
+            tokens = self.quantizer(feats)
         noisy_feats, noisy_lens = self.preprocessor(noisy_audio, noisy_audio_lens)
         if frame_mask is None:
             if apply_mask:
@@ -111,6 +131,23 @@ class NestModel(nn.Module):
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
 
+    def set_num_updates(self, step: int) -> None:
+        """The training step; nothing in NEST depends on it (the w2vbert objective's Gumbel temperature does)."""
+
+    @torch.no_grad()
+    def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
+        """Scalars for logging (computed on the device, no sync): masked accuracy, target perplexity."""
+        T = min(out.log_probs.shape[1], out.tokens.shape[1])
+        sel = out.token_mask[:, :T, None]
+        sel = sel & (out.tokens[:, :T] >= 0)  # (B, T', N)
+        correct = (out.log_probs[:, :T].argmax(2) == out.tokens[:, :T]) & sel
+        valid = torch.arange(T, device=sel.device)[None] < out.encoded_lens[:, None]
+        return {
+            "masked_accuracy": correct.sum() / sel.sum().clamp(min=1),
+            "target_perplexity": codebook_perplexity(out.tokens[:, :T], self.cfg.quantizer.num_classes, valid),
+            "masked_fraction": out.frame_mask.float().mean(),
+        }
+
 
 def noam_lambda(d_model: int, warmup_steps: int, base_lr: float, min_lr: float):
     """Multiplier of ``base_lr`` at a step under NeMo's NoamAnnealing (for LambdaLR)."""
@@ -132,3 +169,4 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
     }
+

@@ -4,34 +4,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from cuts.bins import Bins
-from cuts.datamodule import NestDataModule
-from cuts.sampler import open_cuts
-from nest.checkpoint import load_model, load_nemo, load_weights
+from cuts.datamodule import DataSetupError, NestDataModule
+from cuts.io import atomic_write
+from cuts.sampler import NoBatchError, load_batch_sizes
+from nest.checkpoint import CheckpointError, config_differences, load_state, load_weights
 from nest.config import ConfigError, RunConfig, to_yaml
-from nest.lightning import NestLightningModule, make_module
+from nest.inputs import check_sources
+from nest.lightning import DataLoadError, NestLightningModule, NonFiniteLossError, StepOptions, make_module
 
 log = logging.getLogger(__name__)
+# Errors whose message is the whole story for the user: train.py prints it without a traceback.
+RUN_ERRORS = (ConfigError, NoBatchError, DataSetupError, DataLoadError, NonFiniteLossError, CheckpointError)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it: a kill never leaves half a file."""
+    """Writes each checkpoint to a temporary file, syncs it to disk and renames it: a kill or a power loss
+    never leaves half a checkpoint under a checkpoint's name."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -39,48 +43,87 @@ def check_inputs(cfg: RunConfig) -> None:
     d = cfg.data
     if not d.train_cuts:
         raise ConfigError("data.train_cuts is empty: give one or more CutSet manifests or Shar folders")
-    for key, sources in (("data.train_cuts", d.train_cuts), ("data.val_cuts", d.val_cuts), ("data.noise_cuts", d.noise_cuts)):
-        for s in sources:
-            if not Path(s).exists():
-                raise ConfigError(f"{key}: {s} does not exist")
-            try:
-                first = next(iter(open_cuts(s, cfg.seed)), None)
-            except Exception as e:
-                raise ConfigError(f"{key}: {s} is not a readable CutSet ({type(e).__name__}: {e})") from None
-            if first is None:
-                raise ConfigError(f"{key}: {s} holds no cuts")
+    check_sources(cfg)
     if d.bins:
         try:
             Bins.load(d.bins)
         except (OSError, ValueError) as e:
             raise ConfigError(f"data.bins: {e}") from None
-    if d.bucket_batch_size and not Path(d.bucket_batch_size).is_file():
-        raise ConfigError(f"data.bucket_batch_size: {d.bucket_batch_size} does not exist")
+    if d.bucket_batch_size:
+        try:
+            load_batch_sizes(d.bucket_batch_size)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.bucket_batch_size: {e}") from None
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise ConfigError(f"init_from: {cfg.init_from} does not exist")
 
 
-def find_resume(cfg: RunConfig) -> Optional[str]:
+def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
+    """The checkpoint to continue from: ``resume=auto`` takes the newest of last.ckpt and the checkpoints that
+    Lightning's SLURM support writes on preemption (hpc_ckpt_N.ckpt)."""
     if cfg.resume in (None, "", "none"):
         return None
     if cfg.resume == "auto":
-        last = Path(cfg.exp_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = [p for p in [exp_dir / "checkpoints" / "last.ckpt", *exp_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(cfg.resume).is_file():
         raise ConfigError(f"resume: {cfg.resume} does not exist")
     return cfg.resume
 
 
+def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> None:
+    """A new run never writes into another run's folder; a resumed one keeps its model."""
+    used = [p.name for p in (exp_dir / "checkpoints", exp_dir / "config.yaml", exp_dir / "tb")
+            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    if used and cfg.resume is None:
+        raise ConfigError(f"exp_dir {exp_dir} already holds a run ({', '.join(used)}): continue it with resume=auto, "
+                          f"or give another exp_dir")
+    saved = exp_dir / "config.yaml"
+    if ckpt_path and saved.is_file():
+        before = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+        now = yaml.safe_load(to_yaml(cfg))["model"]
+        diffs = _dict_diff(before, now, "model")
+        if diffs:
+            raise ConfigError(f"resume: the model of {exp_dir} differs from this configuration ({'; '.join(diffs)}); "
+                              f"resume with the same model settings, or start a new exp_dir")
+
+
+def _dict_diff(a: dict, b: dict, prefix: str) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _dict_diff(x, y, f"{prefix}.{k}")
+        elif x != y:
+            out.append(f"{prefix}.{k}: {x!r} -> {y!r}")
+    return out
+
+
 def initialize(module: NestLightningModule, cfg: RunConfig) -> None:
-    """Copy weights from ``init_from`` (a .nemo file or our checkpoint), filtered by name patterns."""
+    """Copy weights from ``init_from`` (a .nemo file or our checkpoint), filtered by name patterns, after checking
+    that the checkpoint's model computes what this run's model does."""
     path = cfg.init_from
-    if path.endswith(".nemo"):
-        _, state = load_nemo(path)
-    else:
-        state = load_model(path).state_dict()
-    loaded = load_weights(module.model, state, path, cfg.init_include, cfg.init_exclude,
-                          strict=not (cfg.init_include or cfg.init_exclude))
-    log.info("init_from %s: %d tensors loaded", path, len(loaded))
+    try:
+        theirs, state = load_state(path)
+        selected = [k for k in state if _selected(k, cfg.init_include, cfg.init_exclude)]
+        diffs = config_differences(theirs, module.model_cfg, selected)
+        if diffs:
+            raise ConfigError(
+                f"init_from {path}: its model differs from this run's: {'; '.join(diffs)}. Set these keys to the "
+                f"checkpoint's values, or give init_model_config=true to take the checkpoint's model configuration"
+            )
+        report = load_weights(module.model, state, path, cfg.init_include, cfg.init_exclude,
+                              strict=not (cfg.init_include or cfg.init_exclude))
+    except CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    log.info("init_from %s: %s", path, report)
+
+
+def _selected(key: str, include, exclude) -> bool:
+    import fnmatch
+
+    inc = not include or any(fnmatch.fnmatch(key, p) for p in include)
+    return inc and not any(fnmatch.fnmatch(key, p) for p in exclude)
 
 
 def make_logger(cfg: RunConfig, exp_dir: Path):
@@ -92,62 +135,113 @@ def make_logger(cfg: RunConfig, exp_dir: Path):
             return WandbLogger(project=cfg.trainer.wandb_project or "nest", save_dir=str(exp_dir))
         except ModuleNotFoundError:
             raise ConfigError("trainer.logger=wandb needs the wandb package: pip install '.[wandb]'") from None
-    return TensorBoardLogger(str(exp_dir), name="tb", version="")
+    return TensorBoardLogger(str(exp_dir), name="tb", version="", default_hp_metric=False)
+
+
+def trainer_options(cfg: RunConfig, cuda: bool) -> dict:
+    """Lightning Trainer arguments that depend on the machine, kept apart so that tests can check them."""
+    t = cfg.trainer
+    on_gpu = cuda and t.accelerator in ("auto", "gpu", "cuda")
+    if t.accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA device is visible; use cpu or auto")
+    # Lightning applies SyncBatchNorm in every DDP-like strategy, the one `auto` picks on several GPUs included,
+    # and ignores it on one device; PyTorch's SyncBatchNorm needs CUDA, so on CPU the layers stay BatchNorm.
+    return {"precision": t.precision or ("bf16-mixed" if on_gpu else "32-true"),
+            "sync_batchnorm": bool(t.sync_batchnorm and on_gpu)}
 
 
 def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     t = cfg.trainer
-    on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
-    precision = t.precision or ("bf16-mixed" if on_gpu else "32-true")
     ckpt_dir = exp_dir / "checkpoints"
+    A = t.accumulate_grad_batches
     callbacks = [
+        # The newest keep_last step checkpoints ("step" is a metric Lightning always offers), plus last.ckpt.
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=-1, save_last=True),
-        LearningRateMonitor(logging_interval="step"),
+                        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last, monitor="step",
+                        mode="max", save_last=True, enable_version_counter=False),
     ]
+    if t.checkpoint_every_minutes:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
+                                         train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
     if cfg.data.val_cuts:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
-                                         save_top_k=1, auto_insert_metric_name=False))
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=precision,
-        max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval if cfg.data.val_cuts else None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches if cfg.data.val_cuts else 0,
-        num_sanity_val_steps=0,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val or None,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        sync_batchnorm=t.sync_batchnorm and on_gpu and t.strategy != "auto",  # SyncBatchNorm needs CUDA
-        use_distributed_sampler=False,  # lhotse's sampler splits the data between ranks itself
-        logger=make_logger(cfg, exp_dir),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(exp_dir),
-    )
+                                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
+    if t.enable_progress_bar:
+        # Refreshed on logging steps only: reading the logged values is what waits on the device.
+        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every_n_steps))
+    try:
+        return pl.Trainer(
+            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            max_steps=t.max_steps,
+            # Lightning counts batches for validation; ours are optimizer steps of A batches each.
+            val_check_interval=t.val_check_interval * A if cfg.data.val_cuts else None,
+            check_val_every_n_epoch=None,
+            limit_val_batches=t.limit_val_batches if cfg.data.val_cuts else 0,
+            num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
+            use_distributed_sampler=False,  # lhotse's samplers split the data between ranks themselves
+            logger=make_logger(cfg, exp_dir), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(exp_dir), **trainer_options(cfg, torch.cuda.is_available()),
+        )
+    except (ValueError, RuntimeError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
+        raise ConfigError(f"trainer: {e} (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
+                          f"trainer.strategy={t.strategy}, trainer.num_nodes={t.num_nodes})") from None
+
+
+def _global_rank_from_env() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def _clean_error(e: BaseException) -> Optional[BaseException]:
+    """The first error of ours in ``e``'s chain (Lightning wraps errors raised inside its loops)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, RUN_ERRORS):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the summary that is also written to exp_dir/summary.json."""
+    # Calibrated batch sizes must hold for days: an allocator that maps memory in growable segments does not
+    # fragment into blocks too small for the next long batch (PyTorch reads this before the first allocation).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     check_inputs(cfg)
-    exp_dir = Path(cfg.exp_dir)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / "config.yaml").write_text(to_yaml(cfg))
-    pl.seed_everything(cfg.seed, workers=False)
-    datamodule = NestDataModule(cfg.data, cfg.model.preprocessor.sample_rate, cfg.seed)
-    module = make_module(cfg.model, cfg.optim, cfg.trainer.max_bad_steps, cfg.seed)
-    ckpt_path = find_resume(cfg)
+    exp_dir = Path(cfg.exp_dir).resolve()
+    ckpt_path = find_resume(cfg, exp_dir)
+    if _global_rank_from_env() == 0:
+        check_exp_dir(cfg, exp_dir, ckpt_path)
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    datamodule = NestDataModule(cfg.data, cfg.model.preprocessor.sample_rate, cfg.seed,
+                                with_targets=cfg.model.targets == "kmeans")
+    try:
+        datamodule.preflight()
+    except (NoBatchError, DataSetupError) as e:
+        raise ConfigError(str(e)) from None
+    step = StepOptions(accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+                       gradient_clip_val=cfg.trainer.gradient_clip_val, max_bad_steps=cfg.trainer.max_bad_steps,
+                       max_failed_fraction=cfg.data.max_failed_fraction)
+    module = make_module(cfg.model, cfg.optim, step, cfg.seed)
     if cfg.init_from and ckpt_path is None:
         initialize(module, cfg)
     trainer = build_trainer(cfg, exp_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(exp_dir / "config.yaml") as f:
+            f.write(to_yaml(cfg))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as e:
+        ours = _clean_error(e)
+        if ours is None or ours is e:
+            raise
+        raise ours from None
     summary = module.summary()
     if trainer.is_global_zero:
-        (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        with atomic_write(exp_dir / "summary.json") as f:
+            f.write(json.dumps(summary, indent=1))
     return summary
-

@@ -19,13 +19,22 @@ def main(argv=None) -> int:
     summary["checkpoint"] = str(ckpt)
     summary["reloaded_encoder_output"] = list(encoded.shape)
     print(json.dumps(summary, indent=1))
-    print(f"\ntrained {summary['steps']} steps on {summary['audio_hours_seen']:.2f} h of audio "
-          f"(padding {100 * summary['padding_ratio']:.1f}%): loss {summary['first_loss']:.3f} -> "
-          f"{summary['last_loss']:.3f}")
-    if not summary["last_loss"] < summary["first_loss"]:
+    print("\n" + summary_line(summary))
+    first, last = summary.get("first_loss"), summary.get("last_loss")
+    if first is None or last is None or not last < first:
         print("the loss did not go down", file=sys.stderr)
         return 1
     return 0
+
+
+def summary_line(s: dict) -> str:
+    """The one line a recipe ends with."""
+    loss = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    padding = "n/a" if s.get("padding_ratio") is None else f"{100 * s['padding_ratio']:.1f}%"
+    skipped = f", {s['skipped_steps']} skipped" if s.get("skipped_steps") else ""
+    failed = f", {s['failed_cuts']} cuts failed to load" if s.get("failed_cuts") else ""
+    return (f"trained {s['steps']} steps on {s['audio_hours_seen']:.2f} h of audio (padding {padding}{skipped}"
+            f"{failed}): loss {loss(s.get('first_loss'))} -> {loss(s.get('last_loss'))}")
 
 
 if __name__ == "__main__":

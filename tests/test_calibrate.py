@@ -8,7 +8,7 @@ import torch
 import yaml
 from lhotse import CutSet
 
-from cuts.calibrate import (GIB, BucketResult, TrainingStep, calibrate, merge_equal_neighbours, run_calibration,
+from nest.calibrate import (GIB, BucketResult, TrainingStep, calibrate, merge_equal_neighbours, run_calibration,
                             search_batch_size)
 from cuts.config import DataConfig
 from cuts.report import bucket_report, format_table
@@ -52,6 +52,24 @@ def test_out_of_memory_counts_as_not_fitting():
     assert size == 10
     results = calibrate(step, [10.0], budget_bytes=10**9, gap=0.0)
     assert results[0].batch_size == 10
+
+
+def test_any_cuda_error_of_a_too_large_batch_counts_as_not_fitting_and_bugs_still_raise():
+    def step(b, duration):
+        if b > 12:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        if b > 10:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                               "non-contiguous input.")
+        return b
+
+    assert calibrate(step, [10.0], budget_bytes=10**9, gap=0.0)[0].batch_size == 10
+
+    def buggy(b, duration):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        calibrate(buggy, [10.0], budget_bytes=10**9)
 
 
 def test_one_utterance_too_long_is_a_clear_error():

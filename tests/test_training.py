@@ -44,7 +44,7 @@ def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run(tiny_corpus, tmp
     assert not list((tmp_path / "b" / "checkpoints").glob(".*.tmp"))
     assert trace_run(tmp_path / "b.jsonl", -1, b) == 0
     a, b = read_trace(tmp_path / "a.jsonl"), read_trace(tmp_path / "b.jsonl")
-    assert sorted(a) == sorted(b) == list(range(10))
+    assert sorted(a) == sorted(b) == list(range(1, 11))  # optimizer steps done after each batch
     for step in a:
         assert a[step]["cut_ids"] == b[step]["cut_ids"], step
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-6, abs=1e-6), step
@@ -52,20 +52,44 @@ def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run(tiny_corpus, tmp
 
 def test_short_run_writes_checkpoints_and_metrics(tiny_corpus, tmp_path):
     cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
-        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 6, "trainer.checkpoint_every_n_steps": 3,
-                                          "trainer.val_check_interval": 3, "trainer.log_every_n_steps": 1,
-                                          "trainer.limit_val_batches": 2, "data.num_workers": 0}))
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 8, "trainer.checkpoint_every_n_steps": 2,
+                                          "trainer.keep_last": 2, "trainer.val_check_interval": 3,
+                                          "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 2,
+                                          "data.num_workers": 0}))
     summary = train(cfg)
     ckpts = sorted(p.name for p in (tmp_path / "exp" / "checkpoints").glob("*.ckpt"))
-    assert {"last.ckpt", "best.ckpt", "step00000003.ckpt", "step00000006.ckpt"} <= set(ckpts)
+    assert ckpts == ["best.ckpt", "last.ckpt", "step00000006.ckpt", "step00000008.ckpt"]  # the last 2 step ones
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "exp" / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "val/loss", "val_loss", "train/lr", "train/masked_accuracy", "train/target_perplexity",
-                "train/masked_fraction", "train/padding_ratio", "train/audio_s_per_s", "train/data_wait_s"):
+                "train/masked_fraction", "train/padding_ratio", "train/audio_s_per_s", "train/data_wait_s",
+                "train/failed_cuts", "train/audio_seconds", "train/skipped_steps"):
         assert tag in tags, (tag, sorted(tags))
-    assert summary["steps"] == 6 and summary["audio_hours_seen"] > 0
+    assert "hp_metric" not in tags and not [t for t in tags if "lr" in t and t != "train/lr"]  # the rate once
+    assert summary["steps"] == 8 and summary["audio_hours_seen"] > 0 and summary["failed_cuts"] == 0
+    assert summary["first_loss"] > summary["last_loss"] > 0
+
+
+def test_resume_keeps_best_the_true_best_and_the_summary_whole(tiny_corpus, tmp_path):
+    common = {"trainer.val_check_interval": 2, "trainer.limit_val_batches": 2, "trainer.checkpoint_every_n_steps": 2,
+              "trainer.log_every_n_steps": 2, "data.num_workers": 0, "resume": "auto"}
+    first = train(load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **common, **{"trainer.max_steps": 4})))
+    both = train(load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **common, **{"trainer.max_steps": 8})))
+    ckpts = tmp_path / "exp" / "checkpoints"
+    assert not list(ckpts.glob("*-v*.ckpt"))  # no best-v1.ckpt, no last-v1.ckpt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    vals = [e.value for e in EventAccumulator(str(tmp_path / "exp" / "tb")).Reload().Scalars("val_loss")]
+    assert len(vals) == 4
+    best = torch.load(ckpts / "best.ckpt", weights_only=True)
+    state = next(v for k, v in best["callbacks"].items() if "val_loss" in k)
+    assert float(state["best_model_score"]) == pytest.approx(min(vals), rel=1e-6)
+    assert both["steps"] == 8 and both["first_loss"] == first["first_loss"]  # the summary spans both parts
+    assert both["audio_hours_seen"] > first["audio_hours_seen"] * 1.5
 
 
 @pytest.mark.skipif(not (NEMO_FIXTURES / "nest_tiny.nemo").is_file(), reason="no NeMo fixture")
@@ -74,10 +98,10 @@ def test_init_from_nemo_loads_and_trains(tiny_corpus, tmp_path):
         tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 2, "data.num_workers": 0,
                                           "init_from": str(NEMO_FIXTURES / "nest_tiny.nemo")}))
     from nest.checkpoint import load_nemo
-    from nest.lightning import make_module
+    from nest.lightning import StepOptions, make_module
     from nest.run import initialize
 
-    module = make_module(cfg.model, cfg.optim, 5, 0)
+    module = make_module(cfg.model, cfg.optim, StepOptions(), 0)
     initialize(module, cfg)
     _, state = load_nemo(cfg.init_from)
     assert torch.equal(module.model.encoder.layers[1].self_attn.linear_q.weight,
@@ -91,10 +115,10 @@ def test_init_from_with_include_pattern(tiny_corpus, tmp_path):
     cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
         tiny_corpus, tmp_path / "exp", init_from=str(NEMO_FIXTURES / "nest_tiny.nemo"),
         init_include="[encoder.*]", **{"model.quantizer.num_classes": 32}))
-    from nest.lightning import make_module
+    from nest.lightning import StepOptions, make_module
     from nest.run import initialize
 
-    module = make_module(cfg.model, cfg.optim, 5, 0)
+    module = make_module(cfg.model, cfg.optim, StepOptions(), 0)
     before = module.model.decoder.decoder_layers[0].weight.clone()
     initialize(module, cfg)  # decoder shape differs (32 classes) but only encoder.* is loaded
     assert torch.equal(module.model.decoder.decoder_layers[0].weight, before)
@@ -138,22 +162,23 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_corpus, tmp_path, 
     from nest.lightning import NonFiniteLossError
 
     calls = {"n": 0}
-    shared = lightning.NestLightningModule.shared_step
+    forward = lightning.NestLightningModule.forward
 
-    def poisoned(self, batch, stage):
-        loss, info = shared(self, batch, stage)
+    def poisoned(self, batch):
+        out = forward(self, batch)
         calls["n"] += 1
-        if stage == "train" and calls["n"] > 2:
+        if self.training and calls["n"] > 2:
             for m in self.model.modules():  # as a real NaN batch would, through the forward pass
                 if isinstance(m, torch.nn.BatchNorm1d):
-                    m.running_mean.fill_(float("nan"))
-            return loss * float("nan"), info
-        return loss, info
+                    m.running_mean.data.fill_(float("nan"))
+            out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(lightning.NestLightningModule, "shared_step", poisoned)
+    monkeypatch.setattr(lightning.NestLightningModule, "forward", poisoned)
     cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
         tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 20, "trainer.max_bad_steps": 3, "data.num_workers": 0,
-                                          "trainer.checkpoint_every_n_steps": 1, "data.val_cuts": "[]"}))
+                                          "trainer.checkpoint_every_n_steps": 1, "trainer.keep_last": -1,
+                                          "trainer.log_every_n_steps": 1, "data.val_cuts": "[]"}))
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         train(cfg)
     good = torch.load(tmp_path / "exp" / "checkpoints" / "step00000002.ckpt", weights_only=True)["state_dict"]

@@ -1,8 +1,11 @@
 """Test helper: run train.py's training with every step's cut ids and loss appended to a JSONL trace.
 
-  python -m tests.trace_train TRACE KILL_AT_STEP key=value ...
+  python -m tests.trace_train TRACE KILL_AT_STEP [--config CONFIG] key=value ...
 
-With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done.
+With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done. Environment:
+NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
+N-th micro-batch (from 1) give a non-finite loss; NEST_TEST_DUMP=DIR writes each rank's final parameters
+and the audio tar files it opened into DIR.
 """
 import json
 import os
@@ -17,24 +20,87 @@ from nest.run import train
 def main() -> None:
     trace, kill_at, *overrides = sys.argv[1:]
     kill_at = int(kill_at)
+    config = "configs/nest_tiny.yaml"
+    if overrides[:1] == ["--config"]:
+        config, overrides = overrides[1], overrides[2:]
     step = lightning.NestLightningModule.training_step
     batch_end = lightning.NestLightningModule.on_train_batch_end
 
     def traced_step(self, batch, batch_idx):
-        loss = step(self, batch, batch_idx)
+        out = step(self, batch, batch_idx)
         with open(trace, "a") as f:
             f.write(json.dumps({"step": self.global_step, "rank": self.global_rank, "epoch": batch.epoch,
-                                "cut_ids": batch.cut_ids, "loss": loss.item()}) + "\n")
-        return loss
+                                "index": batch.index, "worker": batch.worker, "cut_ids": batch.cut_ids,
+                                "failed": len(batch.failed), "loss": self.last_loss.item()}) + "\n")
+        return out
 
     def killing_batch_end(self, outputs, batch, batch_idx):
         batch_end(self, outputs, batch, batch_idx)
         if self.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    nan = os.environ.get("NEST_TEST_NAN")
+    if nan:
+        nan_rank, nan_at = map(int, nan.split(":"))
+        forward, seen = lightning.NestLightningModule.forward, {"n": 0}
+
+        def poisoned(self, batch):
+            out = forward(self, batch)
+            if self.training:
+                seen["n"] += 1
+                if rank == nan_rank and seen["n"] == nan_at:
+                    out.loss = out.loss * float("nan")
+            return out
+
+        lightning.NestLightningModule.forward = poisoned
+    dump = os.environ.get("NEST_TEST_DUMP")
+    if dump:
+        import torch
+        from lhotse.shar.readers import tar
+
+        init = tar.TarIterator.__init__
+
+        def recorded(self, source):
+            if torch.utils.data.get_worker_info() is not None:  # the training streams' reads, not start-up checks
+                with open(os.path.join(dump, f"opened_rank{rank}.txt"), "a") as f:
+                    f.write(f"{source}\n")
+            init(self, source)
+
+        tar.TarIterator.__init__ = recorded
+        from cuts import shar
+
+        shards_of = shar.SharStream.shards_of
+
+        def assigned(self, epoch, worker):
+            shards = shards_of(self, epoch, worker)
+            with open(os.path.join(dump, f"assigned_rank{rank}.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, "worker": worker, "tars": [s.recording for s in shards]}) + "\n")
+            return shards
+
+        shar.SharStream.shards_of = assigned
+        train_end = lightning.NestLightningModule.on_train_end
+
+        def dump_params(self):
+            train_end(self)
+            torch.save(self.model.state_dict(), os.path.join(dump, f"params_rank{rank}.pt"))
+
+        lightning.NestLightningModule.on_train_end = dump_params
     lightning.NestLightningModule.training_step = traced_step
     lightning.NestLightningModule.on_train_batch_end = killing_batch_end
-    train(load_config("configs/nest_tiny.yaml", overrides))
+    fail_rank = os.environ.get("NEST_TEST_FAIL_RANK")
+    if fail_rank is not None:
+        from cuts import dataset
+
+        read = dataset.TimedReader.__call__
+
+        def failing(self, cut):
+            if int(os.environ.get("LOCAL_RANK", 0)) == int(fail_rank):
+                raise OSError(f"injected failure of {cut.id}")
+            return read(self, cut)
+
+        dataset.TimedReader.__call__ = failing
+    train(load_config(config, overrides))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ step of the configured model (clean + noisy audio at the bucket's upper duration
 optimizer step, configured precision) stays within the memory budget. On a GPU the budget is a
 fraction of the device's memory and the peak is CUDA's allocator peak; on CPU the budget is given and
 the peak counts tensor bytes (parameters, optimizer state and everything the step allocates).
+
+Headroom: the default budget is 90% of the GPU's memory, less an allowance for DDP's gradient buckets.
+NeMo's OOMptimizer sizes have been seen to run out of memory after hours as the allocator fragments
+(NVIDIA-NeMo/Speech #15847); training therefore runs the CUDA allocator with expandable segments, which
+do not fragment into blocks too small for the next long batch, and retries a step that still runs out
+as two half batches (nest/lightning.py). Lower ``--memory-fraction`` for more margin.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from nest.config import ModelConfig
-from nest.model import NestModel
+from nest.checkpoint import build_model
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -64,11 +70,11 @@ class TrainingStep:
     def __init__(self, cfg: ModelConfig, device: torch.device, precision: str, seed: int = 0):
         torch.manual_seed(seed)
         self.device = device
-        self.model = NestModel(cfg).to(device).train()
+        self.model = build_model(cfg).to(device).train()
         self.sample_rate = cfg.preprocessor.sample_rate
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-6)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as training steps it
 
     def __call__(self, batch_size: int, duration: float) -> int:
         samples = int(duration * self.sample_rate)
@@ -87,7 +93,13 @@ class TrainingStep:
             noisy = audio + 0.05 * torch.randn_like(audio)
             lens = torch.full((batch_size,), samples, device=self.device)
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                out = self.model(audio, lens, noisy, lens)
+                extra = {}
+                if getattr(self.model.cfg, "targets", None) == "kmeans":  # labels as data: random ones of that shape
+                    q = self.model.cfg.quantizer
+                    tokens = -(-samples // self.model.preprocessor.hop_length // self.model.cfg.encoder.subsampling_factor)
+                    extra["targets"] = torch.randint(q.num_classes, (batch_size, tokens + 1, q.num_books),
+                                                     device=self.device)
+                out = self.model(audio, lens, noisy, lens, **extra)
             out.loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -96,6 +108,19 @@ class TrainingStep:
             if tracker is not None:
                 tracker.__exit__(None, None, None)
         return torch.cuda.max_memory_allocated(self.device) if cuda else before + tracker.peak
+
+
+# What CUDA libraries say when a batch is too large for them: besides the allocator's OutOfMemoryError, cuBLAS
+# and cuDNN fail to allocate workspace or reject sizes past their 32-bit limits.
+TOO_LARGE = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_NOT_SUPPORTED",
+             "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_MAPPING_ERROR", "CUDNN_STATUS_EXECUTION_FAILED",
+             "CUBLAS_STATUS_EXECUTION_FAILED", "canUse32BitIndexMath", "numel needs to be smaller than int32",
+             "input tensor must fit into 32-bit index math", "CUDA error: invalid configuration argument")
+
+
+def does_not_fit(error: BaseException) -> bool:
+    """Whether ``error`` says the batch is too large for the device (rather than a bug)."""
+    return isinstance(error, torch.OutOfMemoryError) or any(s in str(error) for s in TOO_LARGE)
 
 
 @dataclass
@@ -146,8 +171,12 @@ def calibrate(
         def fits(b: int) -> tuple[bool, int]:
             try:
                 peak = step(b, duration)
-            except torch.OutOfMemoryError:
-                log.info("  %.2f s x %d: out of memory", duration, b)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not does_not_fit(e):
+                    raise
+                log.info("  %.2f s x %d: does not fit (%s)", duration, b, str(e).splitlines()[0][:120])
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 return False, 0
             log.info("  %.2f s x %d: peak %.3f GiB (budget %.3f)", duration, b, peak / GIB, budget_bytes / GIB)
             return peak <= budget_bytes, peak
