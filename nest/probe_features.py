@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import urllib.parse
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +24,15 @@ import torchaudio
 from lhotse import CutSet
 from lhotse.cut import Cut
 from lhotse.features.io import NumpyFilesWriter
+from lhotse.shar.utils import to_shar_placeholder
+from lhotse.utils import fastcopy
 from torch import nn
 
 from cuts.dataset import at_rate, load_mono
 from cuts.sampler import open_cuts
-from nest.checkpoint import CheckpointError, load_model
+from nest.checkpoint import CheckpointError, build_model, load_model
 from nest.config import ConfigError, PreprocessorConfig, load_config
 from nest.extract import parse_layers
-from nest.model import NestModel
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,9 @@ def pool(frames: np.ndarray) -> np.ndarray:
 
 
 class EncoderLayers(nn.Module):
-    """A NEST model's front end and encoder, frozen: audio (B, S), lens -> [(B, D, T')] per layer, lens."""
+    """A model's front end and encoder, frozen: audio (B, S), lens -> [(B, D, T')] per layer, lens."""
 
-    def __init__(self, model: NestModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.num_layers = model.cfg.encoder.n_layers
@@ -135,7 +137,7 @@ def load_source(spec: str, seed: int) -> nn.Module:
         cfg = _model_config(spec[len("random:"):], spec)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # as train.py seeds before building the model: its step-0 weights
-            return EncoderLayers(NestModel(cfg))
+            return EncoderLayers(build_model(cfg))
     if spec == "mel" or spec.startswith("mel:"):
         return LogMelLayers(_model_config(spec[4:], spec).preprocessor if spec != "mel" else PreprocessorConfig())
     try:
@@ -245,8 +247,12 @@ def compute_features(
         pooled.append(np.stack([pool(f) for f in frames]))
         if writer is not None:
             for i, f in zip(layers, frames):
-                stored = writer.store_array(f"{cut.id}-layer{i}", f, frame_shift=source.frame_shift, temporal_dim=0)
-                cut = cut.with_custom(f"layer_{i}", stored)
+                # Lhotse's file writer takes flat names: a cut id such as spk1/001 is quoted (as nest.extract).
+                key = f"{urllib.parse.quote(cut.id, safe='')}-layer{i}"
+                cut = cut.with_custom(f"layer_{i}", writer.store_array(key, f, frame_shift=source.frame_shift,
+                                                                        temporal_dim=0))
+            if cut.has_recording and any(src.type == "memory" for src in cut.recording.sources):
+                cut = fastcopy(cut, recording=to_shar_placeholder(cut.recording, cut))  # audio stays in its shards
             cut_writer.write(cut)
     if cut_writer is not None:
         cut_writer.close()

@@ -275,3 +275,12 @@ def test_speaker_probe_on_real_recordings(real_data, tmp_path):
     dev = write_cuts(tmp_path / "dev.jsonl.gz", items["spk1"][4:] + items["spk2"][4:])
     r = run_probe("mel", train, dev, "speaker", epochs=30)
     assert r["accuracy"] == 1.0 and r["num_dev"] == 4, r
+
+
+def test_cache_takes_cut_ids_with_slashes(tones, tmp_path):
+    train, dev = tones
+    renamed = [c.with_id(f"voices/{c.id}") for c in CutSet.from_file(train)]
+    CutSet.from_cuts(renamed).to_file(tmp_path / "train.jsonl.gz")
+    a = run_probe("mel", str(tmp_path / "train.jsonl.gz"), dev, "text", epochs=5, cache=tmp_path / "cache")
+    b = run_probe("mel", str(tmp_path / "train.jsonl.gz"), dev, "text", epochs=5, cache=tmp_path / "cache")
+    assert b["cache"]["train"] == "read" and a["loss"] == b["loss"] and b["num_train"] == len(renamed)
