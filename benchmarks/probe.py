@@ -9,7 +9,8 @@ voices and the pretraining voices, which read sentences of other words (no targe
 Rows, each with the same probe (``nest.probe``: all layers, weighted sum, mean pooling, small MLP) and
 budget, over 3 seeds: ``mel`` (mean-pooled log-mel), ``random_init`` (the encoder at the initialisation
 that pretraining with that seed starts from), ``nest`` (after ``train.py`` on the pretraining speech) and
-``kmeans`` (k-means targets, only where ``model.targets=kmeans`` and ``prepare.py kmeans`` exist).
+``kmeans`` (the same training on k-means targets of MFCC frames, HuBERT's first iteration; only where
+``model.targets=kmeans`` and ``nest.kmeans`` exist).
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def write_set(items: list[tuple[str, np.ndarray, dict]], folder: Path) -> Path:
 
 
 def build_corpus(work: Path, args) -> dict:
-    """Probe train/dev sets and the pretraining set (and a noise set for NEST's augmentation)."""
+    """Probe train/dev sets and the pretraining set (and a noise set for NEST's augmentation) under ``work``."""
     rng = np.random.default_rng(args.data_seed)
     variants = espeak_variants()
     need = args.train_voices + args.dev_voices + args.pretrain_voices
@@ -181,13 +182,16 @@ def build_corpus(work: Path, args) -> dict:
 
 
 def kmeans_available() -> str | None:
-    """None when k-means targets can be trained here, else why not."""
+    """None when k-means targets can be trained in this checkout (issue 13), else why not."""
+    import importlib.util
+
     from nest.config import ModelConfig
 
     if "targets" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         return "model.targets does not exist in this checkout (issue 13)"
-    r = subprocess.run([sys.executable, "prepare.py", "kmeans", "--help"], cwd=ROOT, capture_output=True)
-    return None if r.returncode == 0 else "prepare.py kmeans does not exist in this checkout (issue 13)"
+    if importlib.util.find_spec("nest.kmeans") is None:
+        return "nest.kmeans does not exist in this checkout (issue 13)"
+    return None
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -221,13 +225,18 @@ def pretrain(work: Path, corpus: dict, args, seed: int, row: str, extra: tuple =
             **summary}
 
 
-def kmeans_corpus(work: Path, corpus: dict, args) -> dict:
-    """Issue 13's iteration 1: the pretraining cuts labelled with k-means clusters of MFCC frames."""
-    km = work / "kmeans"
-    if not (km / "cuts.jsonl.gz").is_file():
-        run([sys.executable, "prepare.py", "kmeans", corpus["pretrain"], str(km), "--features", "mfcc",
-             "--clusters", str(args.kmeans_clusters)], work / "kmeans-prepare.log", args.train_threads)
-    return {**corpus, "pretrain": str(km / "cuts.jsonl.gz")}
+def kmeans_corpus(work: Path, corpus: dict, args) -> tuple[dict, tuple]:
+    """Issue 13's first HuBERT iteration: the pretraining cuts labelled with k-means of MFCC frames; returns
+    the labelled corpus and the train.py overrides that read its labels."""
+    km = Path(corpus["pretrain"]).parents[1] / f"kmeans-{args.kmeans_clusters}"  # beside the corpus it labels
+    if not (km / "summary.json").is_file():
+        run([sys.executable, "-m", "nest.kmeans", corpus["pretrain"], str(km), "--features", "mfcc",
+             "--clusters", str(args.kmeans_clusters), "--sample-fraction", "0.5", "--jobs", str(args.jobs),
+             "--config", args.config], work / "kmeans-prepare.log", args.train_threads)
+    books = json.loads((km / "summary.json").read_text())["labels_per_token"]  # 10 ms labels per 80 ms token
+    extra = ("model.targets=kmeans", f"model.quantizer.num_classes={args.kmeans_clusters}",
+             f"model.quantizer.num_books={books}")
+    return {**corpus, "pretrain": str(km / "cuts.jsonl.gz")}, extra
 
 
 def spread(values: list[float]) -> dict:
@@ -279,18 +288,19 @@ def main() -> int:
     ap.add_argument("--work", default="exp/bench_probe", help="corpus, checkpoints, caches (reused when present)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", default="configs/nest_tiny.yaml")
-    ap.add_argument("--steps", type=int, default=400, help="pretraining steps per seed")
+    ap.add_argument("--steps", type=int, default=800, help="pretraining steps per seed")
     ap.add_argument("--train-overrides", nargs="*", default=list(TRAIN_OVERRIDES), help="key=value for train.py")
     ap.add_argument("--parallel", type=int, default=3, help="pretraining runs at once")
     ap.add_argument("--train-threads", type=int, default=1, help="torch threads per pretraining run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the probes (this process)")
     ap.add_argument("--epochs", type=int, default=40, help="probe epochs")
-    ap.add_argument("--train-voices", type=int, default=16)
+    ap.add_argument("--train-voices", type=int, default=32)
     ap.add_argument("--train-reps", type=int, default=1, help="renditions of each word per train voice")
     ap.add_argument("--dev-voices", type=int, default=12)
-    ap.add_argument("--pretrain-voices", type=int, default=60)
+    ap.add_argument("--pretrain-voices", type=int, default=56)
     ap.add_argument("--pretrain-utterances", type=int, default=1200)
     ap.add_argument("--sentence-words", type=int, nargs=2, default=[5, 14])
-    ap.add_argument("--snr", type=float, nargs=2, default=[0.0, 20.0], help="dB, probe utterances in real noise")
+    ap.add_argument("--snr", type=float, nargs=2, default=[5.0, 25.0], help="dB, probe utterances in real noise")
     ap.add_argument("--kmeans-clusters", type=int, default=100)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="espeak-ng processes")
@@ -302,12 +312,17 @@ def main() -> int:
         return 2
     from nest.probe import run_probe
 
+    # On a shared machine one thread per process is several times faster than two that contend for cores.
+    torch.set_num_threads(args.threads)
     work = Path(args.work) if Path(args.work).is_absolute() else ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     load_start, wall = os.getloadavg(), {}
     t0 = t = time.perf_counter()
-    corpus = json.loads((work / "corpus.json").read_text()) if (work / "corpus.json").is_file() \
-        else build_corpus(work, args)
+    settings = [args.data_seed, args.train_voices, args.train_reps, args.dev_voices, args.pretrain_voices,
+                args.pretrain_utterances, args.sentence_words, args.snr]
+    folder = work / f"corpus-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]}"
+    corpus = json.loads((folder / "corpus.json").read_text()) if (folder / "corpus.json").is_file() \
+        else build_corpus(folder, args)
     wall["corpus"] = round(time.perf_counter() - t, 1)
     kmeans_missing = kmeans_available() if "kmeans" in args.rows else "not asked for"
     rows = [r for r in args.rows if r != "kmeans" or kmeans_missing is None]
@@ -315,8 +330,7 @@ def main() -> int:
     t = time.perf_counter()
     jobs = [(corpus, seed, "nest", ()) for seed in args.seeds if "nest" in rows]
     if "kmeans" in rows:
-        kcorpus = kmeans_corpus(work, corpus, args)
-        extra = ("model.targets=kmeans", f"model.quantizer.num_classes={args.kmeans_clusters}")
+        kcorpus, extra = kmeans_corpus(work, corpus, args)
         jobs += [(kcorpus, seed, "kmeans", extra) for seed in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
         trained = list(pool.map(lambda j: pretrain(work, j[0], args, j[1], j[2], j[3]), jobs))
