@@ -93,6 +93,7 @@ class LogMelLayers(nn.Module):
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -101,6 +102,7 @@ def file_digest(path: Path) -> str:
 
 
 def _model_config(config_path: str, spec: str):
+    """The model section of a config file, its errors reported against ``spec``."""
     try:
         return load_config(config_path).model
     except ConfigError as e:
@@ -162,6 +164,7 @@ def label_of(cut: Cut, key: str) -> Optional[str]:
 
 
 def available_keys(cut: Cut) -> list[str]:
+    """The label fields a cut has, for the message of a missing one."""
     keys = set((getattr(cut, "custom", None) or {}).keys())
     if cut.supervisions:
         sup = cut.supervisions[0]
@@ -170,6 +173,7 @@ def available_keys(cut: Cut) -> list[str]:
 
 
 def open_manifest(path: str, flag: str) -> CutSet:
+    """A lazy CutSet; a missing manifest is an error naming the option it came from."""
     try:
         return open_cuts(path, seed=0)
     except (FileNotFoundError, OSError) as e:
@@ -260,6 +264,7 @@ def compute_features(
 
 
 def finish(ids, pooled, labels, layers, failed) -> FeatureSet:
+    """A FeatureSet from per-cut pooled arrays; nothing loaded at all is an error."""
     if not ids:
         raise ProbeError(f"no cut could be loaded ({len(failed)} failed, e.g. {failed[:3]})")
     return FeatureSet(ids, [labels[i] for i in ids], torch.from_numpy(np.stack(pooled)), layers, failed)
@@ -279,6 +284,7 @@ def read_cached(cache_dir: Path, labels: dict[str, str]) -> FeatureSet:
 
 
 def cache_key(identity: dict, manifest: str, layers: str, batch_size: int) -> str:
+    """What one split's features depend on: the source, the manifest's bytes, the layers and the batching."""
     path = Path(manifest)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     data = {"version": CACHE_VERSION, "source": identity, "layers": layers, "batch_size": batch_size,
