@@ -2,6 +2,7 @@
 skipped steps keep replicas identical, a failing rank does not hang the others, resume is exact."""
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -68,7 +69,11 @@ def test_each_cut_once_per_epoch_across_ranks_and_workers(kind, tiny_corpus, sha
         for rank in (0, 1):  # and a rank opens only the shards it was dealt
             opened = set((tmp_path / f"opened_rank{rank}.txt").read_text().split())
             assert opened <= {t for a in assigned[rank] for t in a["tars"]}
-    assert sorted(seen) == everything  # every cut once in the epoch, none twice
+    # With drop_last=false, lhotse's sampler ends an epoch that has fewer cuts left than ranks by giving a
+    # rank a copy of one (id suffixed _dupN): at most world size - 1 copies, of cuts of that epoch.
+    copies = [i for i in seen if re.fullmatch(r".+_dup\d+", i)]
+    assert len(copies) <= 1 and all(re.sub(r"_dup\d+$", "", c) in seen for c in copies)
+    assert sorted(i for i in seen if i not in copies) == everything  # every cut once in the epoch, none twice
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert "val_loss" in EventAccumulator(str(tmp_path / "exp" / "tb")).Reload().Tags()["scalars"]
