@@ -148,7 +148,7 @@ class TrainerConfig:
     devices: Any = "auto"  # number of devices per node, a list of ids, or auto
     num_nodes: int = 1  # machines (torchrun or SLURM start one process per device)
     strategy: str = "auto"  # auto | ddp | ... (Lightning's strategies; several devices: DDP)
-    precision: Optional[str] = None  # 32-true | bf16-mixed | 16-mixed; null: bf16-mixed on GPU, 32-true on CPU
+    precision: Optional[str] = None  # 32-true | bf16-mixed; null: bf16-mixed on GPU, 32-true on CPU
     max_steps: int = 500000  # optimizer steps of the whole run
     val_check_interval: int = 2500  # optimizer steps between validations
     limit_val_batches: Optional[int] = None  # validation batches per validation (null: all)

@@ -9,11 +9,15 @@ from typing import Any, Callable, Iterable
 from nest.config import ConfigError, RunConfig, validate_w2vbert
 
 # Lightning's precision values, and why this project refuses some of them.
-SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed", "bf16", "16-mixed", "16")
+SUPPORTED_PRECISION = ("32", "32-true", "bf16-mixed", "bf16")
 REFUSED_PRECISION = {
     "bf16-true": "it casts the frozen quantizer, the mel filterbank and the input audio to bfloat16, which changes "
                  "the targets; bf16-mixed runs the encoder in bfloat16 with float32 weights at the same speed",
-    "16-true": "float16 weights and optimizer state overflow; use bf16-mixed (or 16-mixed)",
+    "16-true": "float16 weights and optimizer state overflow; use bf16-mixed",
+    "16-mixed": "its GradScaler replaces the device-side decision to skip a step (fused AdamW's found_inf) with its "
+                "own, so a non-finite loss would update the weights; use bf16-mixed (or 32-true on GPUs without bf16)",
+    "16": "its GradScaler replaces the device-side decision to skip a step (fused AdamW's found_inf) with its own, "
+          "so a non-finite loss would update the weights; use bf16-mixed (or 32-true on GPUs without bf16)",
     "64-true": "float64 training is not supported; use 32-true",
     "64": "float64 training is not supported; use 32-true",
     "transformer-engine": "Transformer Engine is not wired into this model; use bf16-mixed",
@@ -21,8 +25,10 @@ REFUSED_PRECISION = {
 }
 # Common values accepted without importing Lightning (seconds at start-up); others are checked against its registries.
 KNOWN_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-KNOWN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
-                    "fsdp", "single_device", "deepspeed")
+KNOWN_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "single_device")
+# The training step (accumulation without gradient all-reduce, the skip decided on the device, the data stream's
+# position per rank) is written for DDP with one process per device started by torchrun, SLURM or Lightning.
+REFUSED_STRATEGY = ("fsdp", "deepspeed", "ddp_spawn", "ddp_fork", "ddp_notebook", "xla", "ddp_sharded")
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -114,7 +120,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("trainer.logger", t.logger, ("tensorboard", "wandb"))
     if cfg.resume not in (None, "", "auto") and not str(cfg.resume).endswith((".ckpt", ".pt")):
         raise ConfigError(f"resume={cfg.resume!r}: give auto or the path of a .ckpt checkpoint")
-    check_precision(t.precision, t.gradient_clip_val)
+    check_precision(t.precision)
+    if str(t.strategy).startswith(REFUSED_STRATEGY):
+        raise ConfigError(f"trainer.strategy={t.strategy!r} is not supported: the training step is written for DDP "
+                          f"with one process per device; use auto or ddp")
     for kind, value, known in (("accelerator", t.accelerator, KNOWN_ACCELERATORS),
                                ("strategy", t.strategy, KNOWN_STRATEGIES)):
         if value not in known:
@@ -123,13 +132,10 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"trainer.{kind}={value!r} is not one of Lightning's: {', '.join(names)}")
 
 
-def check_precision(precision: typing.Optional[str], gradient_clip_val: float) -> None:
+def check_precision(precision: typing.Optional[str]) -> None:
     if precision is None:
         return
     precision = str(precision)
     if precision in REFUSED_PRECISION:
         raise ConfigError(f"trainer.precision={precision} is refused: {REFUSED_PRECISION[precision]}")
     _choice("trainer.precision", precision, SUPPORTED_PRECISION)
-    if precision in ("16", "16-mixed") and gradient_clip_val > 0:
-        raise ConfigError("trainer.gradient_clip_val with trainer.precision=16-mixed: the fused AdamW unscales "
-                          "gradients itself, so they cannot be clipped first; use bf16-mixed")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -355,19 +356,45 @@ class NestLightningModule(pl.LightningModule):
             )
 
     # ---- validation --------------------------------------------------------------------------------
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning clears gradients before validating; ours are clear at window ends already, and must not be
+        cleared in the middle of one."""
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, torch.Tensor] = {}
+
     def validation_step(self, batch: AudioNoiseBatch, batch_idx: int):
-        if len(batch) == 0:
-            return None
+        # A batch whose cuts all failed holds silence and weighs 0, but runs: every rank must reach the
+        # reduction of on_validation_epoch_end with the same metric names.
+        weight = float(len(batch))
         # Seeded masks: validation loss compares across runs and across validation rounds.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
             out = self(batch)
-        metrics = {"val/loss": out.loss.detach()}
+        metrics = {"loss": out.loss.detach()}
         if hasattr(self.model, "metrics"):
-            metrics.update({f"val/{k}": v for k, v in self.model.metrics(out).items()})
-        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
-        self.log("val_loss", out.loss.detach(), sync_dist=True, prog_bar=True, batch_size=len(batch))
+            metrics.update(self.model.metrics(out))
+        sums = self._val_sums
+        for k, v in metrics.items():  # weighted by cuts, kept on the device
+            v = torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0) if not weight else v.float()
+            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * weight
+        sums["_cuts"] = sums.get("_cuts", torch.zeros((), device=self.device)) + weight
         return None
+
+    def on_validation_epoch_end(self) -> None:
+        """One all-reduce of every rank's sums (so a rank without a loadable cut neither hangs nor crashes
+        the others), then the same numbers logged on every rank."""
+        sums = getattr(self, "_val_sums", {})
+        if not sums:
+            return
+        names = sorted(sums)
+        total = dict(zip(names, _all_reduce_(torch.stack([sums[k] for k in names])).tolist()))
+        cuts = total.pop("_cuts")
+        if not cuts:
+            log.warning("validation: no cut could be loaded on any rank; val_loss is reported as inf")
+        values = {k: (v / cuts if cuts else math.inf) for k, v in total.items()}
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=1)
+        self.log("val_loss", values["loss"], prog_bar=True, batch_size=1)
 
     # ---- optimizer, checkpoints, summary -------------------------------------------------------------
     def configure_optimizers(self):

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from cuts.bins import Bins
@@ -24,6 +24,7 @@ from nest.checkpoint import CheckpointError, config_differences, load_state, loa
 from nest.config import ConfigError, RunConfig, to_yaml
 from nest.inputs import check_sources
 from nest.lightning import DataLoadError, NestLightningModule, NonFiniteLossError, StepOptions, make_module
+from nest.saving import SaveOnRequest, WindowEndCheckpoint, requeue_slurm_job
 
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story for the user: train.py prints it without a traceback.
@@ -168,19 +169,21 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     A = t.accumulate_grad_batches
     callbacks = [
         # The newest keep_last step checkpoints ("step" is a metric Lightning always offers), plus last.ckpt.
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                        every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last, monitor="step",
-                        mode="max", save_last=True, enable_version_counter=False),
+        WindowEndCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                            every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last, monitor="step",
+                            mode="max", save_last=True, enable_version_counter=False),
     ]
-    if t.checkpoint_every_minutes:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
-                                         train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
     if cfg.data.val_cuts:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
-                                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
+        callbacks.append(WindowEndCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
+                                             save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
+    # After the ModelCheckpoints: its end-of-training save sees theirs.
+    callbacks.append(SaveOnRequest(ckpt_dir / "last.ckpt", t.checkpoint_every_minutes))
     if t.enable_progress_bar:
         # Refreshed on logging steps only: reading the logged values is what waits on the device.
         callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # preemption is SaveOnRequest's (SIGUSR1), not Lightning's handler
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         return pl.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
@@ -191,7 +194,7 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
             limit_val_batches=t.limit_val_batches if cfg.data.val_cuts else 0,
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
             use_distributed_sampler=False,  # lhotse's samplers split the data between ranks themselves
-            logger=make_logger(cfg, exp_dir), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+            logger=make_logger(cfg, exp_dir), callbacks=callbacks, plugins=plugins,
             default_root_dir=str(exp_dir), **trainer_options(cfg, torch.cuda.is_available()),
         )
     except (ValueError, RuntimeError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
@@ -253,6 +256,11 @@ def train(cfg: RunConfig) -> dict:
             raise
         raise ours from None
     summary = module.summary()
+    saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnRequest))
+    if saver.preempted:
+        summary["stopped_by"] = "SIGUSR1"
+        if trainer.is_global_zero:
+            requeue_slurm_job()
     if trainer.is_global_zero:
         with atomic_write(exp_dir / "summary.json") as f:
             f.write(json.dumps(summary, indent=1))

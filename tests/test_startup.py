@@ -31,6 +31,9 @@ def test_a_list_key_takes_one_path(tiny_corpus, tmp_path):
     ("trainer.accelerator=gpus", "trainer.accelerator", "cuda"),
     ("trainer.precision=fp8", "trainer.precision", "bf16-mixed"),
     ("trainer.precision=bf16-true", "trainer.precision", "bf16-mixed"),
+    ("trainer.precision=16-mixed", "trainer.precision", "bf16-mixed"),
+    ("trainer.strategy=fsdp", "trainer.strategy", "ddp"),
+    ("trainer.strategy=ddp_spawn", "trainer.strategy", "ddp"),
     ("trainer.keep_last=-5", "trainer.keep_last", "-1"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", ">= 1"),
 ])

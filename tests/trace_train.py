@@ -6,7 +6,8 @@ With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer step
 NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
 N-th micro-batch (from 1) give a non-finite loss; NEST_TEST_DUMP=DIR writes each rank's final parameters
 and the audio tar files it opened into DIR; NEST_TEST_SYNCS=1 records the host syncs of each whole loop
-iteration of Lightning (its own code, the step, the callbacks) as ``syncs``, and ``logging``.
+iteration of Lightning (its own code, the step, the callbacks) as ``syncs``, and ``logging``;
+NEST_TEST_SIGUSR1_AT=N sends the process SIGUSR1 once N optimizer steps are done.
 """
 import json
 import os
@@ -61,10 +62,14 @@ def main() -> None:
 
         _TrainingEpochLoop.advance = counted
 
+    usr1_at = int(os.environ.get("NEST_TEST_SIGUSR1_AT", -1))
+
     def killing_batch_end(self, outputs, batch, batch_idx):
         batch_end(self, outputs, batch, batch_idx)
         if self.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.global_step == usr1_at and self._micro == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
     nan = os.environ.get("NEST_TEST_NAN")
