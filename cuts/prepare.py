@@ -195,6 +195,7 @@ class SetWriter:
         self._rejected_file = atomic_write(self.out_dir / "rejected.jsonl")
         self.rejected = self._rejected_file.__enter__()
         self.kinds: Counter = Counter()
+        self.first_rejections: list[str] = []
         self.summary: Optional[dict] = None
 
     def __enter__(self) -> "SetWriter":
@@ -216,9 +217,12 @@ class SetWriter:
             line["where"] = r.where
         self.rejected.write(json.dumps(line) + "\n")
         self.kinds[r.kind] += 1
+        if len(self.first_rejections) < 3:
+            self.first_rejections.append(f"{r.path}: {r.reason}")
 
-    def close(self) -> dict:
-        """Drop repeated ids (one hash shard at a time), write the cuts shuffled, then the summary."""
+    def close(self, what: str) -> dict:
+        """Drop repeated ids (one hash shard at a time), write the cuts shuffled, then the summary. Nothing
+        usable from ``what`` raises NothingUsable and leaves the folder's previous files as they were."""
         durations = array("d")
         with atomic_write(self.out_dir / "cuts.jsonl.gz") as out:
             for shard, lines in self.shuffle.shards():
@@ -235,6 +239,11 @@ class SetWriter:
                     durations.append(duration)
                 self.shuffle.rng(shard).shuffle(kept)
                 out.writelines(body + "\n" for body in kept)
+            if not durations:  # inside the atomic writes: an empty set never replaces a previous one
+                raise NothingUsable(
+                    f"no usable audio in {what}: {sum(self.kinds.values())} inputs rejected "
+                    f"({dict(self.kinds.most_common()) or 'none found'}), e.g. {'; '.join(self.first_rejections) or '-'}; "
+                    f"{self.out_dir} is left as it was")
         self._rejected_file.__exit__(None, None, None)
         d = np.frombuffer(durations, dtype=np.float64) if len(durations) else np.zeros(0)
         self.summary = {
@@ -256,14 +265,8 @@ class NothingUsable(RuntimeError):
 
 
 def finish(writer: SetWriter, what: str) -> dict:
-    """Close the writer; fail when nothing was usable, naming the reasons."""
-    summary = writer.close()
-    if summary["num_cuts"] == 0:
-        raise NothingUsable(
-            f"no usable audio in {what}: {summary['num_rejected']} inputs rejected "
-            f"({summary['rejected_by_reason'] or 'none found'}); see {writer.out_dir / 'rejected.jsonl'}"
-        )
-    return summary
+    """Close the writer; fail when nothing was usable, naming the reasons (the previous files stay)."""
+    return writer.close(what)
 
 
 def window_cut(cut, window: Optional[float]):

@@ -284,6 +284,7 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
         num_shards = len(writer.output_paths["cuts"])
         write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
     old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an interrupted run: os.replace needs the name free
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

@@ -30,7 +30,7 @@ from lhotse import CutSet
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
-from cuts.prepare import NothingUsable, Rejection, SetWriter, finish
+from cuts.prepare import DUPLICATE, UNREADABLE, NothingUsable, Rejection, SetWriter, finish
 from nest.checkpoint import safe_torch_load
 from nest.kmeans_features import (
     FeatureError, FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe, sha256_file,
@@ -281,16 +281,17 @@ def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureReci
         for cut, result in tqdm(results, desc="k-means labels"):
             source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
             if result[0] is None:
-                writer.reject(Rejection(source, f"{result[1]} (cut {cut.id})"))
-                continue
-            if cut.id in writer.seen_ids:
-                writer.reject(Rejection(source, f"duplicate id {cut.id!r}"))
+                writer.reject(Rejection(source, UNREADABLE, f"{result[1]} (cut {cut.id})"))
                 continue
             labels, c, d = result
+            try:
+                stored = arrays.store_array(cut.id, labels.astype(dtype), frame_shift=recipe.token_shift,
+                                            temporal_dim=0, start=cut.start)
+            except ValueError:  # h5py: the key exists already
+                writer.reject(Rejection(source, DUPLICATE, f"id {cut.id!r} listed again"))
+                continue
             counts += c
             dist_sum += d
-            stored = arrays.store_array(cut.id, labels.astype(dtype), frame_shift=recipe.token_shift,
-                                        temporal_dim=0, start=cut.start)
             writer.add_cut(cut.with_custom("targets", stored).with_custom("targets_num_classes", K), source)
     summary = finish(writer, str(cuts_path))
     frames = int(counts.sum())

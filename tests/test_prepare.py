@@ -178,3 +178,15 @@ def test_real_audio_every_file_usable_with_true_duration(tmp_path, real_data):
         assert abs(cuts[f.stem].duration - true) <= 0.01, f.name
     noise = prepare_audio_dir(real_data / "noise", tmp_path / "noise", window=10.0)
     assert noise["num_rejected"] == 0 and noise["num_cuts"] >= 5
+
+
+def test_nothing_usable_leaves_the_previous_set_in_place(tmp_path):
+    # e.g. an unmounted network folder: empty where the corpus used to be
+    (tmp_path / "src").mkdir()
+    sf.write(tmp_path / "src" / "a.wav", (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    prepare_audio_dir(tmp_path / "src", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NothingUsable, match="left as it was"):
+        prepare_audio_dir(tmp_path / "empty", tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
