@@ -147,8 +147,8 @@ def key_hash(key: str, seed: int) -> int:
 class ExternalShuffle:
     """Lines spread over temporary shards by a seeded hash of their key, read back shard by shard.
 
-    Memory stays at ``buffer_bytes`` while adding and one shard while reading, whatever the number
-    of lines. Lines with the same key land in the same shard, in the order they were added, so the
+    Memory stays at ``buffer_bytes`` while adding, and one shard (1/``num_shards`` of the lines: about
+    40 MB of 100-byte lines at 100 M lines) while reading. Lines with the same key land in the same shard, in the order they were added, so the
     reader can find repeated keys one shard at a time. Shuffling each shard with :meth:`rng` and
     concatenating the shards gives a seeded random order of all lines.
     """

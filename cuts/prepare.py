@@ -6,7 +6,9 @@ held per cut beyond a duration (8 bytes): cuts stream through an external shuffl
 
 Ids are unique by construction: the path relative to the source folder without its extension
 (``spk2/001``), or with it where two audio files of a folder share a stem (``spk2/x.wav``,
-``spk2/x.flac``). Audio paths are stored absolute and resolved, so a manifest works from any folder.
+``spk2/x.flac``). Windows of a long file get lhotse's ``{id}-{i}``; a file whose own id is one of those
+(``utt.wav`` windowed beside ``utt-1.wav``) is the one case left, rejected as a duplicate and listed in
+rejected.jsonl. Audio paths are stored absolute and resolved, so a manifest works from any folder.
 """
 from __future__ import annotations
 

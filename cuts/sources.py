@@ -178,9 +178,10 @@ def write_validated(
                 add_windows(writer, cut, source, min_duration, max_duration, window, where)
 
 
-def _recording_id(cut: Cut) -> Optional[str]:
+def _recording_id(cut: Cut) -> Optional[tuple]:
+    """The recording's id and sources: two corpora may reuse an id for different files."""
     rec = getattr(cut, "recording", None)  # MixedCut and PaddingCut have none
-    return None if rec is None else rec.id
+    return None if rec is None else (rec.id, tuple(s.source for s in rec.sources))
 
 
 def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) -> Iterator[tuple[str, Cut]]:

@@ -82,6 +82,7 @@ class _Window:
     padded_seconds: float = 0.0
     cuts: int = 0
     failed: int = 0
+    oom_retries: int = 0
     first_failures: list = field(default_factory=list)  # (cut id, reason), a few
     data_wait: float = 0.0
     batches: int = 0
@@ -227,7 +228,7 @@ class NestLightningModule(pl.LightningModule):
             self.optimizers().zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.totals.oom_retries += 1
+        self._window.oom_retries += 1
         halves = [h for h in batch.split() if h.audio.shape[0]]
         log.warning("out of memory in the %s pass of a batch of %d x %.1f s: retrying it as two halves", stage,
                     batch.audio.shape[0], batch.audio.shape[1] / self.model_cfg.preprocessor.sample_rate)
@@ -246,6 +247,10 @@ class NestLightningModule(pl.LightningModule):
         distributed = _world() > 1
         sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
         partial_grads = stage == "backward" and self._micro > 1
+        if batch.audio.shape[0] < 2:
+            raise RuntimeError(
+                f"out of memory on a single utterance of {batch.audio.shape[1] / self.model_cfg.preprocessor.sample_rate:.1f} s "
+                f"(nothing to split): lower data.max_duration, and continue with resume=auto") from error
         if distributed and (stage == "backward" or sync_bn) or partial_grads:
             raise RuntimeError(
                 f"out of memory in the {stage} pass of a batch of {batch.audio.shape[0]} utterances x "
@@ -302,12 +307,12 @@ class NestLightningModule(pl.LightningModule):
         s, w = self._device_state(), self._window
         elapsed = max(time.perf_counter() - w.started, 1e-9)
         world = _world()
-        host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.data_wait, w.batches,
+        host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.oom_retries, w.data_wait, w.batches,
                              w.window_audio, w.window_cuts, w.window_failed], dtype=torch.float64, device=self.device)
         # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
         packed = torch.cat([torch.stack([s["loss_sum"], s["loss_n"], s["skipped"], s["consecutive"]]).double(), host])
-        (loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, wait, batches, window_audio, window_cuts,
-         window_failed) = \
+        (loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, ooms, wait, batches, window_audio,
+         window_cuts, window_failed) = \
             _all_reduce_(packed).tolist()  # the one host sync of a logging step
         skipped, consecutive = round(skipped / world), round(consecutive / world)
         t = self.totals
@@ -315,6 +320,7 @@ class NestLightningModule(pl.LightningModule):
         t.padded_seconds += padded
         t.cuts += int(cuts)
         t.failed_cuts += int(failed)
+        t.oom_retries += int(ooms)
         new_skips = int(skipped) - t.skipped_steps
         t.skipped_steps = int(skipped)
         mean_loss = loss_sum / loss_n if loss_n else None
@@ -412,18 +418,20 @@ class NestLightningModule(pl.LightningModule):
         ``with_loss`` (end of training) its mean loss too, so that a run shorter than one logging window,
         or ending between two, reports its last loss."""
         w, s = self._window, self._state
-        d = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed], dtype=torch.float64, device=self.device)
+        d = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.oom_retries], dtype=torch.float64,
+                         device=self.device)
         if with_loss and s:
             d = torch.cat([d, torch.stack([s["loss_sum"], s["loss_n"]]).double()])
         values = _all_reduce_(d).tolist()
-        audio, padded, cuts, failed = values[:4]
+        audio, padded, cuts, failed, ooms = values[:5]
         t = self.totals
         t.audio_seconds += audio
         t.padded_seconds += padded
         t.cuts += int(cuts)
         t.failed_cuts += int(failed)
-        if len(values) == 6 and values[5]:
-            t.last_loss = values[4] / values[5]
+        t.oom_retries += int(ooms)
+        if len(values) == 7 and values[6]:
+            t.last_loss = values[5] / values[6]
             t.first_loss = t.last_loss if t.first_loss is None else t.first_loss
             s["loss_sum"].zero_()
             s["loss_n"].zero_()

@@ -77,7 +77,7 @@ def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> No
     """A new run never writes into another run's folder; a resumed one keeps its model."""
     used = [p.name for p in (exp_dir / "checkpoints", exp_dir / "config.yaml", exp_dir / "tb")
             if p.exists() and (p.is_file() or any(p.iterdir()))]
-    if used and cfg.resume is None:
+    if used and cfg.resume in (None, "", "none"):
         raise ConfigError(f"exp_dir {exp_dir} already holds a run ({', '.join(used)}): continue it with resume=auto, "
                           f"or give another exp_dir")
     saved = exp_dir / "config.yaml"
@@ -203,10 +203,12 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
 
 
 def _global_rank_from_env() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """The rank before Lightning sets up its environment; nonzero for any process but the first of node 0
+    (Lightning's own launcher sets only NODE_RANK in the first process of other nodes)."""
+    for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var):
             return int(os.environ[var])
-    return 0
+    return int(os.environ.get("NODE_RANK") or 0) + int(os.environ.get("LOCAL_RANK") or 0)
 
 
 def _clean_error(e: BaseException) -> Optional[BaseException]:
