@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cuts.bins import MIN_CUTS_PER_BUCKET, Bins, bins_from_durations, manifest_durations, plot_bins
+from cuts.bins import MIN_CUTS_PER_BUCKET, bins_from_durations, manifest_durations, plot_bins
 from cuts.config import DataConfig
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe

@@ -22,91 +22,29 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from cuts.dataset import AudioNoiseBatch
 from nest.checkpoint import build_model, model_config_from_dict
 from nest.config import ModelConfig, OptimConfig
 from nest.model import noam_lambda
+from nest.train_state import (
+    DataLoadError,
+    NonFiniteLossError,
+    RunTotals,
+    StepOptions,
+    Window,
+    all_reduce_,
+    batch_torch_seed,
+    norm_buffers,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
-
-
-def batch_torch_seed(seed: int, rank: int, epoch: int, index: int, worker: int = -1) -> int:
-    """The torch seed for one training batch on one rank."""
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 15_485_863 + index * 104_729 + (worker + 1) * 611_953) % 2**63
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss."""
-
-
-class DataLoadError(RuntimeError):
-    """Too many cuts of the recent batches failed to load."""
-
-
-@dataclass
-class StepOptions:
-    """What the training step needs beyond the model: taken from the trainer and data sections."""
-
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 0.0
-    max_bad_steps: int = 20
-    max_failed_fraction: float = 0.1
-
-
-@dataclass
-class RunTotals:
-    """Counters of the whole run, all ranks and every resume included (kept in checkpoints)."""
-
-    audio_seconds: float = 0.0
-    padded_seconds: float = 0.0
-    cuts: int = 0
-    failed_cuts: int = 0
-    skipped_steps: int = 0
-    oom_retries: int = 0
-    first_loss: Optional[float] = None  # mean loss of the first logging window (or of a shorter run)
-    last_loss: Optional[float] = None  # mean loss of the last logging window
-
-
-@dataclass
-class _Window:
-    """Host-side counts of this rank since the last logging step."""
-
-    audio_seconds: float = 0.0
-    padded_seconds: float = 0.0
-    cuts: int = 0
-    failed: int = 0
-    oom_retries: int = 0
-    first_failures: list = field(default_factory=list)  # (cut id, reason), a few
-    data_wait: float = 0.0
-    batches: int = 0
-    # The whole window since the last logging step (the counts above may have gone to the totals earlier).
-    window_audio: float = 0.0
-    window_cuts: int = 0
-    window_failed: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-
-def norm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Running statistics of every BatchNorm kind in ``model`` (BatchNorm1d, SyncBatchNorm, ...)."""
-    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-
-
-def _all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce without Lightning's barrier (which would block the host on NCCL)."""
-    if _world() > 1:
-        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
-    return t
 
 
 class NestLightningModule(pl.LightningModule):
@@ -122,7 +60,7 @@ class NestLightningModule(pl.LightningModule):
         self.model = build_model(self.model_cfg)
         self.seed, self.val_seed = seed, val_seed
         self.totals = RunTotals()
-        self._window = _Window()
+        self._window = Window()
         self._micro = 0  # micro-batches done in the current accumulation window
         self._norm_buffers: list[torch.Tensor] = []
         self._state: dict[str, torch.Tensor] = {}  # device-side flags and sums, see _device_state
@@ -140,7 +78,7 @@ class NestLightningModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
         self._norm_buffers = norm_buffers(self.model)
-        self._window = _Window()
+        self._window = Window()
         self._sigterm_check_on_logging_steps()
 
     def _sigterm_check_on_logging_steps(self) -> None:
@@ -244,7 +182,7 @@ class NestLightningModule(pl.LightningModule):
         return torch.stack(losses).sum(), out
 
     def _check_retry_is_safe(self, stage: str, batch: AudioNoiseBatch, error: Exception) -> None:
-        distributed = _world() > 1
+        distributed = world_size() > 1
         sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
         partial_grads = stage == "backward" and self._micro > 1
         if batch.audio.shape[0] < 2:
@@ -270,7 +208,7 @@ class NestLightningModule(pl.LightningModule):
                 grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
         for group in grads.values():  # found |= any non-finite gradient, on the device (GradScaler's kernel)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, s["one"])
-        _all_reduce_(found, torch.distributed.ReduceOp.MAX)  # every rank skips together
+        all_reduce_(found, torch.distributed.ReduceOp.MAX)  # every rank skips together
         if self.step_cfg.gradient_clip_val > 0:
             self.clip_gradients(opt, gradient_clip_val=self.step_cfg.gradient_clip_val, gradient_clip_algorithm="norm")
         torch_opt = opt.optimizer
@@ -306,14 +244,14 @@ class NestLightningModule(pl.LightningModule):
         """Logging step: one all-reduce of this window's numbers, one read on the host, then checks."""
         s, w = self._device_state(), self._window
         elapsed = max(time.perf_counter() - w.started, 1e-9)
-        world = _world()
+        world = world_size()
         host = torch.tensor([w.audio_seconds, w.padded_seconds, w.cuts, w.failed, w.oom_retries, w.data_wait, w.batches,
                              w.window_audio, w.window_cuts, w.window_failed], dtype=torch.float64, device=self.device)
         # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
         packed = torch.cat([torch.stack([s["loss_sum"], s["loss_n"], s["skipped"], s["consecutive"]]).double(), host])
         (loss_sum, loss_n, skipped, consecutive, audio, padded, cuts, failed, ooms, wait, batches, window_audio,
          window_cuts, window_failed) = \
-            _all_reduce_(packed).tolist()  # the one host sync of a logging step
+            all_reduce_(packed).tolist()  # the one host sync of a logging step
         skipped, consecutive = round(skipped / world), round(consecutive / world)
         t = self.totals
         t.audio_seconds += audio
@@ -344,7 +282,7 @@ class NestLightningModule(pl.LightningModule):
                          "audio_s/s": f"{window_audio / elapsed:.0f}"}
         s["loss_sum"].zero_()
         s["loss_n"].zero_()
-        failures, self._window = w.first_failures, _Window()
+        failures, self._window = w.first_failures, Window()
         if new_skips:
             log.warning("%d steps skipped for a non-finite loss or gradient since the last log (%d in all)",
                         new_skips, t.skipped_steps)
@@ -394,7 +332,7 @@ class NestLightningModule(pl.LightningModule):
         if not sums:
             return
         names = sorted(sums)
-        total = dict(zip(names, _all_reduce_(torch.stack([sums[k] for k in names])).tolist()))
+        total = dict(zip(names, all_reduce_(torch.stack([sums[k] for k in names])).tolist()))
         cuts = total.pop("_cuts")
         if not cuts:
             log.warning("validation: no cut could be loaded on any rank; val_loss is reported as inf")
@@ -422,7 +360,7 @@ class NestLightningModule(pl.LightningModule):
                          device=self.device)
         if with_loss and s:
             d = torch.cat([d, torch.stack([s["loss_sum"], s["loss_n"]]).double()])
-        values = _all_reduce_(d).tolist()
+        values = all_reduce_(d).tolist()
         audio, padded, cuts, failed, ooms = values[:5]
         t = self.totals
         t.audio_seconds += audio
@@ -437,7 +375,7 @@ class NestLightningModule(pl.LightningModule):
             s["loss_n"].zero_()
         if self._state:
             t.skipped_steps = round(self._state["skipped"].item())
-        self._window = _Window(started=w.started, data_wait=w.data_wait, batches=w.batches, window_audio=w.window_audio,
+        self._window = Window(started=w.started, data_wait=w.data_wait, batches=w.batches, window_audio=w.window_audio,
                                window_cuts=w.window_cuts, window_failed=w.window_failed, first_failures=w.first_failures)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from nest.checkpoint import CheckpointError, model_config_from_nemo
+from nest.nemo_config import CheckpointError, model_config_from_nemo
 from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, QuantizerConfig, load_config
 from nest.conformer import ConvSubsampling, ConformerEncoder
 from nest.model import NestModel
