@@ -130,30 +130,44 @@ class _Timed:
     def __init__(self, source: Iterator, timeout: float, what: str):
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.timeout, self.what = timeout, what
+        self.closed = threading.Event()  # the consumer stopped early: the thread ends instead of waiting forever
         threading.Thread(target=self._run, args=(source,), daemon=True).start()
+
+    def _put(self, entry) -> bool:
+        while not self.closed.is_set():
+            try:
+                self.q.put(entry, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _run(self, source) -> None:
         try:
             for item in source:
-                self.q.put(("item", item))
-            self.q.put(("end", None))
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
         except BaseException as e:  # re-raised in the consumer
-            self.q.put(("error", e))
+            self._put(("error", e))
 
     def __iter__(self):
         last = None
-        while True:
-            try:
-                kind, item = self.q.get(timeout=self.timeout)
-            except queue.Empty:
-                raise TimeoutError(f"reading {self.what} stalled for more than {self.timeout:g} s after cut "
-                                   f"{getattr(last, 'id', None)} (data.read_timeout)") from None
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            last = item
-            yield item
+        try:
+            while True:
+                try:
+                    kind, item = self.q.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"reading {self.what} stalled for more than {self.timeout:g} s after cut "
+                                       f"{getattr(last, 'id', None)} (data.read_timeout)") from None
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                last = item
+                yield item
+        finally:
+            self.closed.set()
 
 
 class SharStream(torch.utils.data.IterableDataset):
