@@ -29,7 +29,7 @@ from lhotse import CutSet
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
-from cuts.prepare import NothingUsable, Rejection, SetWriter, finish
+from cuts.prepare import DUPLICATE, NothingUsable, Rejection, SetWriter, finish
 from nest.checkpoint import safe_torch_load
 from nest.kmeans_features import (
     FeatureError, FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe, sha256_file,
@@ -273,6 +273,7 @@ def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureReci
     K = len(centroids)
     dtype = np.int16 if K < 2**15 else np.int32
     writer = SetWriter(out_dir)
+    seen: set[str] = set()  # a repeated id would overwrite its labels in targets.h5: the first one is kept
     counts, dist_sum = np.zeros(K, dtype=np.int64), 0.0
     # HDF5: one file for any number of cuts, exact integers, read by key in each dataloader worker.
     with NumpyHdf5Writer((out_dir / "targets.h5").resolve()) as arrays:
@@ -280,11 +281,13 @@ def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureReci
         for cut, result in tqdm(results, desc="k-means labels"):
             source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
             if result[0] is None:
-                writer.reject(Rejection(source, f"{result[1]} (cut {cut.id})"))
+                kind, _, detail = result[1].partition(": ")
+                writer.reject(Rejection(source, kind, f"{detail} (cut {cut.id})"))
                 continue
-            if cut.id in writer.seen_ids:
-                writer.reject(Rejection(source, f"duplicate id {cut.id!r}"))
+            if cut.id in seen:
+                writer.reject(Rejection(source, DUPLICATE, f"id {cut.id!r} listed again"))
                 continue
+            seen.add(cut.id)
             labels, c, d = result
             counts += c
             dist_sum += d
