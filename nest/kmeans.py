@@ -1,8 +1,9 @@
 """HuBERT-style k-means targets: fit k-means on a seeded sample of the cuts' frames, label every cut.
 
-  python -m nest.kmeans CUTS OUT_DIR --features mfcc --clusters 100 [--sample-fraction 0.1] [--jobs N]
-  python -m nest.kmeans CUTS OUT_DIR --features encoder --checkpoint CKPT --layer 6 --clusters 500
-  python -m nest.kmeans CUTS OUT_DIR --model kmeans.pt      # label new cuts with an existing fit
+  python prepare.py kmeans CUTS OUT_DIR --features mfcc --clusters 100 [--sample-fraction 0.1] [--jobs N]
+  python prepare.py kmeans CUTS OUT_DIR --features encoder --checkpoint CKPT --layer 6 --clusters 500
+  python prepare.py kmeans CUTS OUT_DIR --model kmeans.pt      # label new cuts with an existing fit
+(also ``python -m nest.kmeans ...`` with the same arguments)
 
 OUT_DIR gets ``cuts.jsonl.gz`` (each cut carries its labels as a TemporalArray ``targets`` of shape
 (T', R) in ``targets.h5``, and ``targets_num_classes``), ``kmeans.pt`` (centroids and the feature recipe),

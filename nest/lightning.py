@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -140,6 +139,24 @@ class NestLightningModule(pl.LightningModule):
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
         self._norm_buffers = norm_buffers(self.model)
         self._window = _Window()
+        self._sigterm_check_on_logging_steps()
+
+    def _sigterm_check_on_logging_steps(self) -> None:
+        """Under DDP, Lightning (2.5+, ``_TrainingEpochLoop.advance``) broadcasts rank 0's SIGTERM flag before
+        every batch and reads it with ``.item()``: a collective and a host sync per step. Its purpose is
+        that all ranks stop at the same step; doing it on logging steps only (a step count every rank
+        agrees on, where the step syncs anyway) keeps that, stopping at most ``log_every_n_steps`` later."""
+        loop = self.trainer.fit_loop.epoch_loop
+        every_step = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if every_step is None or getattr(every_step, "on_logging_steps", False):
+            return
+
+        def on_logging_steps() -> None:
+            if self._should_log():
+                every_step()
+
+        on_logging_steps.on_logging_steps = True
+        loop._broadcast_sigterm_tensor = on_logging_steps
 
     def _device_state(self) -> dict[str, torch.Tensor]:
         if not self._state or next(iter(self._state.values())).device != self.device:
@@ -314,8 +331,10 @@ class NestLightningModule(pl.LightningModule):
         if len(out.encoded_lens) and hasattr(self.model, "metrics"):
             metrics.update({f"train/{k}": v for k, v in self.model.metrics(out).items()})
         self.log_dict(metrics, batch_size=1)
-        self.log_dict({"loss": mean_loss if mean_loss is not None else math.nan, "audio_s/s": window_audio / elapsed},
-                      prog_bar=True, logger=False, batch_size=1)
+        # Python numbers for the progress bar (nest.run's ProgressBar): values logged with prog_bar=True would be
+        # read back with .item() by Lightning after every batch, a host sync per step.
+        self.progress = {"loss": "n/a" if mean_loss is None else f"{mean_loss:.3f}",
+                         "audio_s/s": f"{window_audio / elapsed:.0f}"}
         s["loss_sum"].zero_()
         s["loss_n"].zero_()
         failures, self._window = w.first_failures, _Window()

@@ -139,6 +139,13 @@ def make_logger(cfg: RunConfig, exp_dir: Path):
     return TensorBoardLogger(str(exp_dir), name="tb", version="", default_hp_metric=False)
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, showing the module's ``progress`` (numbers already on the host, set on logging steps)."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress", {})}
+
+
 # Checkpoints are taken after the optimizer step on purpose (the data position is committed with it).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
@@ -173,7 +180,7 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
                                          save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
     if t.enable_progress_bar:
         # Refreshed on logging steps only: reading the logged values is what waits on the device.
-        callbacks.append(TQDMProgressBar(refresh_rate=t.log_every_n_steps))
+        callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
     try:
         return pl.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,

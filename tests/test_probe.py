@@ -284,3 +284,16 @@ def test_cache_takes_cut_ids_with_slashes(tones, tmp_path):
     a = run_probe("mel", str(tmp_path / "train.jsonl.gz"), dev, "text", epochs=5, cache=tmp_path / "cache")
     b = run_probe("mel", str(tmp_path / "train.jsonl.gz"), dev, "text", epochs=5, cache=tmp_path / "cache")
     assert b["cache"]["train"] == "read" and a["loss"] == b["loss"] and b["num_train"] == len(renamed)
+
+
+def test_w2vbert_encoders_probe_too(tones, tmp_path):
+    from nest.w2vbert import W2vBertModel
+
+    train, dev = tones
+    w2v = str(ROOT / "configs" / "w2vbert_tiny.yaml")
+    r = run_probe(f"random:{w2v}", train, dev, "text", epochs=5, seed=0)
+    assert r["layers"] == [0, 1] and 0.0 <= r["accuracy"] <= 1.0
+    model = W2vBertModel(load_config(w2v).model)
+    save_model(model, tmp_path / "w2v.pt")
+    saved = run_probe(str(tmp_path / "w2v.pt"), train, dev, "text", epochs=5, seed=0, layers="-1")
+    assert saved["layers"] == [1] and saved["num_dev"] == 8

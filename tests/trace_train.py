@@ -5,7 +5,8 @@
 With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer steps are done. Environment:
 NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
 N-th micro-batch (from 1) give a non-finite loss; NEST_TEST_DUMP=DIR writes each rank's final parameters
-and the audio tar files it opened into DIR.
+and the audio tar files it opened into DIR; NEST_TEST_SYNCS=1 records the host syncs of each whole loop
+iteration of Lightning (its own code, the step, the callbacks) as ``syncs``, and ``logging``.
 """
 import json
 import os
@@ -26,13 +27,39 @@ def main() -> None:
     step = lightning.NestLightningModule.training_step
     batch_end = lightning.NestLightningModule.on_train_batch_end
 
+    count_syncs = os.environ.get("NEST_TEST_SYNCS") == "1"
+    records = []
+
     def traced_step(self, batch, batch_idx):
+        logging = self._should_log()
         out = step(self, batch, batch_idx)
-        with open(trace, "a") as f:
-            f.write(json.dumps({"step": self.global_step, "rank": self.global_rank, "epoch": batch.epoch,
-                                "index": batch.index, "worker": batch.worker, "cut_ids": batch.cut_ids,
-                                "failed": len(batch.failed), "loss": self.last_loss.item()}) + "\n")
+        records.append({"step": self.global_step, "rank": self.global_rank, "epoch": batch.epoch,
+                        "index": batch.index, "worker": batch.worker, "cut_ids": batch.cut_ids,
+                        "failed": len(batch.failed), "logging": logging,
+                        "loss": None if count_syncs else self.last_loss.item()})  # .item(): a sync of its own
+        if not count_syncs:
+            flush()
         return out
+
+    def flush(syncs=None) -> None:
+        with open(trace, "a") as f:
+            for r in records:
+                f.write(json.dumps({**r, "syncs": syncs}) + "\n")
+        records.clear()
+
+    if count_syncs:
+        from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
+
+        from nest.syncs import HostSyncCounter
+
+        advance = _TrainingEpochLoop.advance
+
+        def counted(self, data_fetcher):
+            with HostSyncCounter() as syncs:
+                advance(self, data_fetcher)
+            flush(dict(syncs.calls))
+
+        _TrainingEpochLoop.advance = counted
 
     def killing_batch_end(self, outputs, batch, batch_idx):
         batch_end(self, outputs, batch, batch_idx)
