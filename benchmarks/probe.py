@@ -264,7 +264,10 @@ def plot_summary(acc: dict, weights: dict, baseline: float, path: Path) -> None:
     width = 0.8 / max(1, len(encoders))
     for k, r in enumerate(encoders):
         b.bar(np.arange(len(weights[r])) + k * width, weights[r], width, label=r)
-    b.set(xlabel="layer", ylabel="weight (softmax, mean over seeds)", title="which layers the probe uses")
+    layers = max((len(weights[r]) for r in encoders), default=0)
+    b.set_xticks(np.arange(layers) + width * (len(encoders) - 1) / 2, [str(i) for i in range(layers)])
+    b.set(xlabel="encoder layer (0: first block)", ylabel="weight (softmax, mean over seeds)",
+          title="which layers the probe uses")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
