@@ -10,7 +10,8 @@ Rows, each with the same probe (``nest.probe``: all layers, weighted sum, mean p
 budget, over 3 seeds: ``mel`` (mean-pooled log-mel), ``random_init`` (the encoder at the initialisation
 that pretraining with that seed starts from), ``nest`` (after ``train.py`` on the pretraining speech) and
 ``kmeans`` (the same training on k-means targets of MFCC frames, HuBERT's first iteration; only where
-``model.targets=kmeans`` and ``nest.kmeans`` exist).
+``model.targets=kmeans`` and ``nest.kmeans`` exist) and, when asked with ``--rows``, ``w2vbert`` (the
+Wav2vec-BERT objective of ``--w2vbert-config`` on the same speech).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ because while until since before after during""".replace("?", "").split()
 FILLER = [w for w in FILLER if w not in {"know", "write", "to", "too", "for", "ate", "won", "owe"}]
 # Masks of 160 ms (16 frames, about 40% of frames) instead of NeMo's 400 ms: see BENCHMARKS.md (issue 14).
 TRAIN_OVERRIDES = ("model.masking.block_size=16", "model.masking.mask_prob=0.03", "data.batch_duration=20")
+# The w2vbert row: 160 ms time patches, as NEST's masks above, and the same share of frames masked.
+W2VBERT_OVERRIDES = ("model.w2vbert.patch_size=16",)
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
            "en-us-nyc"]
 
@@ -205,7 +208,7 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def pretrain(work: Path, corpus: dict, args, seed: int, row: str, extra: tuple = ()) -> dict:
+def pretrain(work: Path, corpus: dict, args, seed: int, row: str, extra: tuple = (), config: str = "") -> dict:
     """train.py on the pretraining speech; returns the checkpoint, its summary and the seconds taken.
 
     A run already finished with the same settings (same folder name) is reused.
@@ -213,12 +216,13 @@ def pretrain(work: Path, corpus: dict, args, seed: int, row: str, extra: tuple =
     overrides = [f"data.train_cuts=[{corpus['pretrain']}]", f"data.noise_cuts=[{corpus['noise']}]",
                  f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every_n_steps={args.steps}",
                  "trainer.enable_progress_bar=false", *args.train_overrides, *extra]
-    tag = hashlib.sha256(json.dumps([args.config, overrides]).encode()).hexdigest()[:8]  # the settings, not the seed
+    config = config or args.config
+    tag = hashlib.sha256(json.dumps([config, overrides]).encode()).hexdigest()[:8]  # the settings, not the seed
     overrides.append(f"seed={seed}")
     exp = work / f"{row}-{tag}-seed{seed}"
     seconds = 0.0
     if not (exp / "summary.json").is_file():
-        seconds = run([sys.executable, "train.py", "--config", args.config, *overrides, f"exp_dir={exp}"],
+        seconds = run([sys.executable, "train.py", "--config", config, *overrides, f"exp_dir={exp}"],
                       exp.with_suffix(".log"), args.train_threads)
     summary = json.loads((exp / "summary.json").read_text())
     return {"row": row, "seed": seed, "checkpoint": str(exp / "checkpoints" / "last.ckpt"), "seconds": round(seconds, 1),
@@ -307,7 +311,9 @@ def main() -> int:
     ap.add_argument("--kmeans-clusters", type=int, default=100)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="espeak-ng processes")
-    ap.add_argument("--rows", nargs="+", default=["mel", "random_init", "nest", "kmeans"])
+    ap.add_argument("--rows", nargs="+", default=["mel", "random_init", "nest", "kmeans"],
+                    help="also: w2vbert (--w2vbert-config, 16-frame time patches)")
+    ap.add_argument("--w2vbert-config", default="configs/w2vbert_tiny.yaml")
     args = ap.parse_args()
     if shutil.which("espeak-ng") is None:
         print("benchmarks/probe.py needs espeak-ng to synthesise speech offline: apt-get install -y espeak-ng "
@@ -335,8 +341,11 @@ def main() -> int:
     if "kmeans" in rows:
         kcorpus, extra = kmeans_corpus(work, corpus, args)
         jobs += [(kcorpus, seed, "kmeans", extra) for seed in args.seeds]
+    jobs = [(*j, "") for j in jobs]
+    if "w2vbert" in rows:  # issue 15's objective, its time patches as short as NEST's masks here
+        jobs += [(corpus, seed, "w2vbert", W2VBERT_OVERRIDES, args.w2vbert_config) for seed in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
-        trained = list(pool.map(lambda j: pretrain(work, j[0], args, j[1], j[2], j[3]), jobs))
+        trained = list(pool.map(lambda j: pretrain(work, j[0], args, j[1], j[2], j[3], j[4]), jobs))
     wall["pretraining"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -365,7 +374,7 @@ def main() -> int:
                               "last_loss": [round(i["last_loss"], 3) for i in infos],
                               "audio_hours_seen": round(infos[0]["audio_hours_seen"], 2),
                               "seconds": [i["seconds"] for i in infos]}
-                        for row in ("nest", "kmeans") if (infos := [i for i in trained if i["row"] == row])},
+                        for row in ("nest", "kmeans", "w2vbert") if (infos := [i for i in trained if i["row"] == row])},
         "probe": {"epochs": args.epochs, "layers": "all", "seeds": args.seeds, "std": "sample std over seeds"},
         "wall_seconds": wall,
         "cpu_seconds": round(cpu_seconds(), 1),
