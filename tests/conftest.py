@@ -7,6 +7,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("NEST_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
 NEMO_FIXTURES = Path(os.environ.get("NEST_NEMO_FIXTURES", ROOT.parent / "shared" / "fixtures" / "nemo"))
+# Written by tests/nemo_fixtures/make_post_conv.py (run under NeMo's interpreter; see its docstring).
+POST_CONV_FIXTURES = Path(os.environ.get("NEST_POST_CONV_FIXTURES", NEMO_FIXTURES.parent / "nemo_post_conv"))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from nest.nemo_config import CheckpointError, model_config_from_nemo
 from nest.config import ConfigError, EncoderConfig, MaskingConfig, ModelConfig, QuantizerConfig, load_config
 from nest.conformer import ConvSubsampling, ConformerEncoder
 from nest.model import NestModel
-from tests.conftest import NEMO_FIXTURES
+from tests.conftest import NEMO_FIXTURES, POST_CONV_FIXTURES
 
 
 def tiny(**model) -> ModelConfig:
@@ -157,7 +157,7 @@ def test_bad_option_values_fail_at_start_up(override, match):
         load_config(None, [override])
 
 
-POST_CONV = NEMO_FIXTURES.parent / "nemo_post_conv"
+POST_CONV = POST_CONV_FIXTURES
 
 
 @pytest.mark.skipif(not (POST_CONV / "nest_tiny_post_conv_io.pt").is_file(), reason=f"no fixture in {POST_CONV}")
