@@ -73,7 +73,7 @@ def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
         uppers = [float(u) for u in d["bucket_upper_duration"]]
         sizes = [int(b) for b in d["batch_sizes"]]
     except (TypeError, KeyError, ValueError):
-        raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `prepare.py calibrate`)") from None
+        raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `nest-prepare calibrate`)") from None
     if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1:
         raise ValueError(f"{path}: one positive batch size per bucket, bounds increasing")
     return uppers, sizes

@@ -33,7 +33,7 @@ def load_targets(cut: Cut) -> np.ndarray:
     targets = (labelled.custom or {}).get("targets")
     if targets is None:
         raise KeyError(f"cut {cut.id!r} has no 'targets': label its CutSet first "
-                       "(prepare.py kmeans CUTS OUT_DIR ...) and train on OUT_DIR/cuts.jsonl.gz")
+                       "(nest-prepare kmeans CUTS OUT_DIR ...) and train on OUT_DIR/cuts.jsonl.gz")
     arr = targets.load()
     return np.asarray(arr, dtype=np.int64).reshape(arr.shape[0], -1)
 
@@ -53,7 +53,7 @@ def targets_spec(cut: Cut) -> TargetsSpec:
     custom = labelled.custom or {}
     if "targets" not in custom or "targets_num_classes" not in custom:
         raise KeyError(f"cut {cut.id!r} has no 'targets'/'targets_num_classes': label its CutSet first "
-                       "(prepare.py kmeans CUTS OUT_DIR ...) and train on OUT_DIR/cuts.jsonl.gz")
+                       "(nest-prepare kmeans CUTS OUT_DIR ...) and train on OUT_DIR/cuts.jsonl.gz")
     shape = custom["targets"].shape
     return TargetsSpec(int(custom["targets_num_classes"]), int(shape[1]) if len(shape) > 1 else 1,
                        float(custom["targets"].frame_shift))

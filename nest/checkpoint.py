@@ -232,7 +232,10 @@ def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if path.suffix == ".nemo":
         return load_nemo(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        near = sorted(p.name for p in Path(path).parent.glob("*.ckpt")) if Path(path).parent.is_dir() else []
+        why = " (best.ckpt appears once a validation has run: trainer.val_check_interval)" \
+            if Path(path).name == "best.ckpt" else ""
+        raise CheckpointError(f"{path}: no such checkpoint{why}" + (f"; that folder has {', '.join(near)}" if near else ""))
     ckpt = safe_torch_load(path, str(path))
     if "model_config" in ckpt:
         cfg, state = ckpt["model_config"], ckpt["state_dict"]

@@ -28,26 +28,30 @@ def _first_json(path: Path) -> dict | None:
 
 
 def _hint(key: str, source: str) -> str | None:
-    """Why ``source`` is not a CutSet this run can read, and the prepare.py command that makes one."""
+    """Why ``source`` is not a CutSet this run can read, and the prepare command (``nest-prepare``, or
+    ``python prepare.py`` in the repository) that makes one."""
     p = Path(source)
+    make = "nest-prepare noise" if key == "data.noise_cuts" else "nest-prepare audio-dir"
     if p.is_dir():
         if any(p.glob("cuts.*.jsonl*")):
             return None
+        if (p / "cuts.jsonl.gz").is_file():
+            return f"{key}: {source} is a prepared folder: give the manifest in it, {p / 'cuts.jsonl.gz'}"
+        if (p / "train.jsonl.gz").is_file():
+            return f"{key}: {source} holds a split: give {p / 'train.jsonl.gz'} (and {p / 'dev.jsonl.gz'} as data.val_cuts)"
         has_audio = any(q.suffix.lower() in AUDIO for q in islice(p.rglob("*"), 10000))
         what = "an audio folder" if has_audio else "a folder without a Shar cuts.*.jsonl.gz"
-        return (f"{key}: {source} is {what}, not a CutSet: run `python prepare.py audio-dir {source} OUT` and give "
-                f"OUT/cuts.jsonl.gz")
+        return f"{key}: {source} is {what}, not a CutSet: run `{make} {source} OUT` and give OUT/cuts.jsonl.gz"
     if p.suffix.lower() in AUDIO:
-        return f"{key}: {source} is an audio file: give a CutSet (`python prepare.py audio-dir FOLDER OUT`)"
+        return f"{key}: {source} is an audio file: give a CutSet (`{make} FOLDER OUT`)"
     first = _first_json(p)
     if first is None:
         return None
     if "audio_filepath" in first:
-        return (f"{key}: {source} is a NeMo manifest: run `python prepare.py nemo-manifest {source} OUT` and give "
+        return (f"{key}: {source} is a NeMo manifest: run `nest-prepare nemo-manifest {source} OUT` and give "
                 f"OUT/cuts.jsonl.gz")
     if "sources" in first and "recording" not in first:
-        return (f"{key}: {source} is a RecordingSet: run `python prepare.py manifest {source} OUT` and give "
-                f"OUT/cuts.jsonl.gz")
+        return f"{key}: {source} is a RecordingSet: run `nest-prepare manifest {source} OUT` and give OUT/cuts.jsonl.gz"
     if "supervisions" not in first and "recording" not in first and "tracks" not in first:
         return f"{key}: {source} is not a CutSet manifest (first line: {json.dumps(first)[:120]})"
     return None

@@ -149,7 +149,15 @@ def load_source(spec: str, seed: int) -> nn.Module:
 
 
 def label_of(cut: Cut, key: str) -> Optional[str]:
-    """The label ``key`` of a cut: its first supervision's field or custom key, else the cut's custom key."""
+    """The label ``key`` of a cut: its first supervision's field or custom key, else the cut's custom key;
+    ``folder:N``: the N-th folder of the cut's id (``prepare.py audio-dir`` makes ids from paths, so
+    ``folder:-1`` of ``sessionA/spk1/001`` is the speaker folder ``spk1``)."""
+    if key.startswith("folder:"):
+        folders = cut.id.split("/")[:-1]
+        try:
+            return folders[int(key[len("folder:"):])]
+        except (ValueError, IndexError):
+            return None
     values = []
     if cut.supervisions:
         sup = cut.supervisions[0]

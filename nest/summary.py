@@ -39,7 +39,7 @@ def summary_line(s: dict) -> str:
     padding = "n/a" if s.get("padding_ratio") is None else f"{100 * s['padding_ratio']:.1f}%"
     skipped = f", {s['skipped_steps']} skipped" if s.get("skipped_steps") else ""
     failed = f", {s['failed_cuts']} cuts failed to load" if s.get("failed_cuts") else ""
-    return (f"trained {s['steps']} steps on {s['audio_hours_seen']:.2f} h of audio (padding {padding}{skipped}"
+    return (f"trained {s['steps']} steps, {s['audio_hours_seen']:.2f} h of audio seen (padding {padding}{skipped}"
             f"{failed}): loss {loss(s.get('first_loss'))} -> {loss(s.get('last_loss'))}")
 
 

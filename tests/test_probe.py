@@ -297,3 +297,11 @@ def test_w2vbert_encoders_probe_too(tones, tmp_path):
     save_model(model, tmp_path / "w2v.pt")
     saved = run_probe(str(tmp_path / "w2v.pt"), train, dev, "text", epochs=5, seed=0, layers="-1")
     assert saved["layers"] == [1] and saved["num_dev"] == 8
+
+
+def test_labels_from_the_folders_of_the_cut_id():
+    from lhotse import MonoCut
+
+    cut = MonoCut(id="sessionA/spk1/001", start=0, duration=1, channel=0)
+    assert label_of(cut, "folder:-1") == "spk1" and label_of(cut, "folder:0") == "sessionA"
+    assert label_of(cut, "folder:5") is None and label_of(MonoCut(id="001", start=0, duration=1, channel=0), "folder:-1") is None

@@ -95,7 +95,7 @@ def test_folder_recipe_end_to_end_from_another_folder(tmp_path):
                  "trainer.checkpoint_every_n_steps=3", "trainer.accelerator=cpu", "data.batch_duration=8",
                  "data.num_workers=0", "optim.warmup_steps=2", "trainer.enable_progress_bar=false", cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"trained 6 steps on [0-9.]+ h of audio", result.stdout)
+    assert re.search(r"trained 6 steps, [0-9.]+ h of audio seen", result.stdout)
     data = cwd / "work" / "data" / "folder"
     from lhotse import CutSet
 

@@ -55,12 +55,23 @@ def test_audio_folder_and_nemo_manifest_given_as_cuts_say_which_command(tmp_path
     audio = tmp_path / "my_corpus" / "spk1"
     audio.mkdir(parents=True)
     sf.write(audio / "001.wav", [0.1] * 16000, 16000)
-    with pytest.raises(ConfigError, match=r"data.train_cuts: .*my_corpus is an audio folder.*prepare.py audio-dir"):
+    with pytest.raises(ConfigError, match=r"data.train_cuts: .*my_corpus is an audio folder.*nest-prepare audio-dir"):
         train(load_config(None, [f"data.train_cuts={tmp_path / 'my_corpus'}", f"exp_dir={tmp_path / 'e'}"]))
     nemo = tmp_path / "train.json"
     nemo.write_text(json.dumps({"audio_filepath": str(audio / "001.wav"), "duration": 1.0}) + "\n")
-    with pytest.raises(ConfigError, match=r"data.train_cuts: .*train.json is a NeMo manifest.*prepare.py nemo-manifest"):
+    with pytest.raises(ConfigError, match=r"data.train_cuts: .*train.json is a NeMo manifest.*nest-prepare nemo-manifest"):
         train(load_config(None, [f"data.train_cuts={nemo}", f"exp_dir={tmp_path / 'e'}"]))
+    from cuts.prepare import prepare_audio_dir
+
+    prepare_audio_dir(tmp_path / "my_corpus", tmp_path / "cuts")
+    with pytest.raises(ConfigError, match=r"data.noise_cuts: .*my_corpus is an audio folder.*nest-prepare noise"):
+        train(load_config(None, [f"data.train_cuts={tmp_path / 'cuts' / 'cuts.jsonl.gz'}",
+                                 f"data.noise_cuts={tmp_path / 'my_corpus'}", f"exp_dir={tmp_path / 'e'}"]))
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "cuts.jsonl.gz").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"prepared is a prepared folder: give the manifest in it, .*cuts.jsonl.gz"):
+        train(load_config(None, [f"data.train_cuts={prepared}", f"exp_dir={tmp_path / 'e'}"]))
 
 
 def run_cli(args, cwd):
