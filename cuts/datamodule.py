@@ -182,6 +182,8 @@ class NestDataModule(pl.LightningDataModule):
         if errors:
             raise DataSetupError("the audio of the first cuts does not load (" + "; ".join(errors) + "): check that "
                                  "the paths in the manifest exist on this machine")
+        if not self.shar and len(seen) < max_cuts and self.cfg.drop_last:
+            self._warn_unused(seen)
         bins = self.bins
         if bins is not None and seen:
             longest = max(c.duration for c in seen)
@@ -190,6 +192,23 @@ class NestDataModule(pl.LightningDataModule):
                 log.warning("data.bins (longest duration %.2f s) look like another corpus's: %d of the first %d cuts "
                             "of data.train_cuts are longer (up to %.2f s) and all share the last bucket; run "
                             "`prepare.py bins` on this corpus", bins.max_duration, over, len(seen), longest)
+
+    def _warn_unused(self, cuts: list) -> None:
+        """A small corpus: one epoch of the sampler says which cuts no batch ever takes (their bucket never
+        fills a batch, and drop_last drops it, every epoch)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sampler = self._sampler(CutSet(cuts), self.seed, 1, 0)
+            sampler.set_epoch(0)
+            used = {c.id for batch in sampler for c in batch}
+        kept = [c for c in cuts if self.cfg.min_duration <= c.duration <= self.cfg.max_duration]
+        unused = [c for c in kept if c.id not in used]
+        if len(unused) > 0.1 * len(kept):
+            log.warning("%d of the %d cuts (%.0f%%) are in buckets that never fill a batch (data.batch_duration=%g s): "
+                        "with data.drop_last=true they are never trained on; lower data.batch_duration, make fewer "
+                        "buckets (prepare.py bins --buckets), or set data.drop_last=false (`prepare.py report` shows "
+                        "each bucket)", len(unused), len(kept), 100 * len(unused) / max(len(kept), 1),
+                        self.cfg.batch_duration)
 
     # ---- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:

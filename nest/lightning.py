@@ -280,6 +280,9 @@ class NestLightningModule(pl.LightningModule):
         # read back with .item() by Lightning after every batch, a host sync per step.
         self.progress = {"loss": "n/a" if mean_loss is None else f"{mean_loss:.3f}",
                          "audio_s/s": f"{window_audio / elapsed:.0f}"}
+        if self.trainer.progress_bar_callback is None and self.global_rank == 0:  # e.g. batch jobs: a log line
+            log.info("step %d: loss %s, %s audio-s/s, %d skipped steps", self.global_step, self.progress["loss"],
+                     self.progress["audio_s/s"], t.skipped_steps)
         s["loss_sum"].zero_()
         s["loss_n"].zero_()
         failures, self._window = w.first_failures, Window()

@@ -149,6 +149,8 @@ class ProgressBar(TQDMProgressBar):
 
 # Checkpoints are taken after the optimizer step on purpose (the data position is committed with it).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# A used exp_dir is refused at start-up unless resumed (check_exp_dir): then its checkpoints are expected there.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def trainer_options(cfg: RunConfig, cuda: bool) -> dict:

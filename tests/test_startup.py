@@ -161,3 +161,17 @@ def test_init_from_mismatch_names_settings_and_patterns_must_match(tiny_corpus, 
     cfg = load_config(None, tiny_overrides(tiny_corpus, tmp_path / "e", init_from=nemo, init_model_config="true",
                                            init_include="[encoder.*]", **{"model.quantizer.num_classes": 32}))
     initialize(make_module(cfg.model, cfg.optim, StepOptions(), 0), cfg)  # another decoder, same encoder: fine
+
+
+def test_cuts_no_batch_ever_takes_are_counted_at_start_up(tiny_corpus, tmp_path, caplog):
+    from cuts.datamodule import NestDataModule
+
+    # 36 cuts of 1-4 s in 3 buckets: one batch of 40 s takes most of a bucket, and drop_last drops the rest
+    big = tiny(tiny_corpus, tmp_path / "exp", **{"data.batch_duration": 40})
+    NestDataModule(big.data, 16000, 0).preflight()
+    warning = " ".join(r.getMessage() for r in caplog.records if "never fill" in r.getMessage())
+    assert "never trained on" in warning and "data.batch_duration=40" in warning
+    caplog.clear()
+    small = tiny(tiny_corpus, tmp_path / "exp2", **{"data.batch_duration": 5})
+    NestDataModule(small.data, 16000, 0).preflight()
+    assert not [r for r in caplog.records if "never fill" in r.getMessage()]
