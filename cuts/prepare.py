@@ -118,7 +118,12 @@ def wav_truncation(path: Path) -> Optional[str]:
 
 
 def _error(e: Exception) -> str:
-    first = str(e).splitlines()[0] if str(e) else ""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    # lhotse's AudioLoadingError: "... failed. Details:" then one line per backend; the first backend's says why
+    backend = next((line.split("): ", 1)[-1] for line in lines[1:] if line.startswith("Exception #")), None)
+    if backend and first.endswith("Details:"):
+        first = f"{first.removesuffix(' Details:').rstrip('.')}: {backend}"
     return f"{type(e).__name__}: {first}".rstrip(": ")
 
 
@@ -293,7 +298,7 @@ def prepare_audio_dir(
     max_duration: Optional[float] = None, window: Optional[float] = None, jobs: int = 1, seed: int = 0,
 ) -> dict:
     """``prepare.py audio-dir``: every audio file under ``src`` becomes a cut (or a rejection)."""
-    src = Path(src).absolute()
+    src = Path(os.path.abspath(src))  # absolute without "..": paths in cuts and rejected.jsonl read anywhere
     if not src.is_dir():
         raise NothingUsable(f"{src} is not a folder")
     with SetWriter(out_dir, seed) as writer:
