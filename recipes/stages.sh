@@ -41,6 +41,18 @@ done
 for v in stage stop_stage; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "error: --${v//_/-} must be a stage number, not '${!v}'" >&2; exit 2; }
 done
+# The project's Python: $PYTHON, else `python` on PATH when it has the packages, else the repository's .venv.
+nest_python=${PYTHON:-python}
+if ! "$nest_python" -c "import lhotse, pytorch_lightning, nest" >/dev/null 2>&1; then
+  if [ -z "${PYTHON:-}" ] && [ -x "$REPO/.venv/bin/python" ]; then
+    nest_python=$REPO/.venv/bin/python
+  else
+    echo "error: ${PYTHON:-python} cannot import this project: run \`make install\` in $REPO and" \
+         "\`source $REPO/.venv/bin/activate\`, or set PYTHON=/path/to/python" >&2
+    exit 2
+  fi
+fi
+python() { command "$nest_python" "$@"; }  # `command`: not this function again
 mkdir -p "$work_dir"
 work_dir=$(cd "$work_dir" && pwd)  # absolute: the paths end up in exp_dir/config.yaml
 
