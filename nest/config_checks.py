@@ -28,7 +28,7 @@ KNOWN_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 KNOWN_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "single_device")
 # The training step (accumulation without gradient all-reduce, the skip decided on the device, the data stream's
 # position per rank) is written for DDP with one process per device started by torchrun, SLURM or Lightning.
-REFUSED_STRATEGY = ("fsdp", "deepspeed", "ddp_spawn", "ddp_fork", "ddp_notebook", "xla", "ddp_sharded")
+REFUSED_STRATEGY = ("fsdp", "deepspeed", "ddp_spawn", "ddp_fork", "ddp_notebook", "xla", "single_xla", "ddp_sharded")
 
 
 def _get(cfg: Any, key: str) -> Any:

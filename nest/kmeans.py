@@ -6,7 +6,7 @@
 (also ``python -m nest.kmeans ...`` with the same arguments)
 
 OUT_DIR gets ``cuts.jsonl.gz`` (each cut carries its labels as a TemporalArray ``targets`` of shape
-(T', R) in ``targets.h5``, and ``targets_num_classes``), ``kmeans.pt`` (centroids and the feature recipe),
+(T', R) in ``targets-<time>.h5``, and ``targets_num_classes``), ``kmeans.pt`` (centroids and the feature recipe),
 ``summary.json`` and ``rejected.jsonl``. Features and label layout: nest/kmeans_features.py. The fit is
 fairseq's learn_kmeans.py: scikit-learn's MiniBatchKMeans with its parameters.
 """
@@ -16,7 +16,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
+import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,6 +33,7 @@ from lhotse import CutSet
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
+from cuts.io import atomic_write, write_text
 from cuts.prepare import DUPLICATE, UNREADABLE, NothingUsable, Rejection, SetWriter, finish
 from nest.checkpoint import safe_torch_load
 from nest.kmeans_features import (
@@ -251,12 +255,13 @@ def run_kmeans(
                "options": asdict(options)}
         del x
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"centroids": centroids, "recipe": recipe.to_dict(), "num_classes": len(centroids), "fit": fit},
-               out_dir / "kmeans.pt")
     summary = label_cuts(cuts, cuts_path, out_dir, recipe, centroids, jobs, device)
+    # After the labels: a run that fails on the way leaves the previous fit, labels and manifest together.
+    with atomic_write(out_dir / "kmeans.pt", binary=True) as f:
+        torch.save({"centroids": centroids, "recipe": recipe.to_dict(), "num_classes": len(centroids), "fit": fit}, f)
     summary.update(features=recipe.kind, layer=recipe.layer, checkpoint=recipe.checkpoint,
                    labels_per_token=recipe.labels_per_token, fit=fit)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -273,27 +278,35 @@ def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureReci
     """Label every cut (streamed) into OUT_DIR; a cut whose audio fails is listed in rejected.jsonl."""
     K = len(centroids)
     dtype = np.int16 if K < 2**15 else np.int32
-    writer = SetWriter(out_dir)
     counts, dist_sum = np.zeros(K, dtype=np.int64), 0.0
-    # HDF5: one file for any number of cuts, exact integers, read by key in each dataloader worker.
-    with NumpyHdf5Writer((out_dir / "targets.h5").resolve()) as arrays:
-        results = map_cuts(_labels_of, cuts, jobs, (recipe.to_dict(), centroids, device))
-        for cut, result in tqdm(results, desc="k-means labels"):
-            source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
-            if result[0] is None:
-                writer.reject(Rejection(source, UNREADABLE, f"{result[1]} (cut {cut.id})"))
-                continue
-            labels, c, d = result
-            try:
-                stored = arrays.store_array(cut.id, labels.astype(dtype), frame_shift=recipe.token_shift,
-                                            temporal_dim=0, start=cut.start)
-            except ValueError:  # h5py: the key exists already
-                writer.reject(Rejection(source, DUPLICATE, f"id {cut.id!r} listed again"))
-                continue
-            counts += c
-            dist_sum += d
-            writer.add_cut(cut.with_custom("targets", stored).with_custom("targets_num_classes", K), source)
-    summary = finish(writer, str(cuts_path))
+    # HDF5: one file for any number of cuts, exact integers, read by key in each dataloader worker. A new file
+    # per run, the older ones removed once the manifest that names the new one is in place.
+    h5 = (out_dir / f"targets-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.h5").resolve()
+    try:
+        with SetWriter(out_dir) as writer, NumpyHdf5Writer(h5) as arrays:
+            results = map_cuts(_labels_of, cuts, jobs, (recipe.to_dict(), centroids, device))
+            for cut, result in tqdm(results, desc="k-means labels"):
+                source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
+                if result[0] is None:
+                    writer.reject(Rejection(source, UNREADABLE, f"{result[1]} (cut {cut.id})"))
+                    continue
+                labels, c, d = result
+                try:  # quoted: h5py makes groups of "/", so "a" and "a/b" would collide
+                    stored = arrays.store_array(urllib.parse.quote(cut.id, safe=""), labels.astype(dtype),
+                                                frame_shift=recipe.token_shift, temporal_dim=0, start=cut.start)
+                except ValueError:  # h5py: the key exists already
+                    writer.reject(Rejection(source, DUPLICATE, f"id {cut.id!r} listed again"))
+                    continue
+                counts += c
+                dist_sum += d
+                writer.add_cut(cut.with_custom("targets", stored).with_custom("targets_num_classes", K), source)
+            summary = finish(writer, str(cuts_path))
+    except BaseException:  # nothing of this run stays
+        h5.unlink(missing_ok=True)
+        raise
+    for old in out_dir.glob("targets*.h5"):
+        if old.resolve() != h5:
+            old.unlink()
     frames = int(counts.sum())
     p = counts[counts > 0] / max(frames, 1)
     summary.update(num_classes=K, clusters_used=int((counts > 0).sum()),

@@ -24,7 +24,7 @@ from nest.checkpoint import CheckpointError, config_differences, load_state, loa
 from nest.config import ConfigError, RunConfig, to_yaml
 from nest.inputs import check_sources
 from nest.lightning import DataLoadError, NestLightningModule, NonFiniteLossError, StepOptions, make_module
-from nest.saving import SaveOnRequest, WindowEndCheckpoint, requeue_slurm_job
+from nest.saving import SaveOnRequest, WindowEndCheckpoint
 
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story for the user: train.py prints it without a traceback.
@@ -61,13 +61,13 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
-    """The checkpoint to continue from: ``resume=auto`` takes the newest of last.ckpt and the checkpoints that
-    Lightning's SLURM support writes on preemption (hpc_ckpt_N.ckpt)."""
+    """The checkpoint to continue from: ``resume=auto`` takes last.ckpt (the newest: nest.saving writes it on a
+    timer, on SIGUSR1 and at the end; Lightning's own hpc_ckpt files are not written)."""
     if cfg.resume in (None, "", "none"):
         return None
     if cfg.resume == "auto":
-        found = [p for p in [exp_dir / "checkpoints" / "last.ckpt", *exp_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        last = exp_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
     if not Path(cfg.resume).is_file():
         raise ConfigError(f"resume: {cfg.resume} does not exist")
     return cfg.resume
@@ -169,17 +169,14 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     t = cfg.trainer
     ckpt_dir = exp_dir / "checkpoints"
     A = t.accumulate_grad_batches
-    callbacks = [
-        # The newest keep_last step checkpoints ("step" is a metric Lightning always offers), plus last.ckpt.
-        WindowEndCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                            every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last, monitor="step",
-                            mode="max", save_last=True, enable_version_counter=False),
-    ]
+    # The newest keep_last step checkpoints ("step" is a metric Lightning always offers), plus last.ckpt.
+    steps = WindowEndCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                                every_n_train_steps=t.checkpoint_every_n_steps, save_top_k=t.keep_last, monitor="step",
+                                mode="max", save_last=True, enable_version_counter=False)
+    callbacks = [steps, SaveOnRequest(ckpt_dir / "last.ckpt", t.checkpoint_every_minutes, steps)]
     if cfg.data.val_cuts:
         callbacks.append(WindowEndCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
                                              save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
-    # After the ModelCheckpoints: its end-of-training save sees theirs.
-    callbacks.append(SaveOnRequest(ckpt_dir / "last.ckpt", t.checkpoint_every_minutes))
     if t.enable_progress_bar:
         # Refreshed on logging steps only: reading the logged values is what waits on the device.
         callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
@@ -261,10 +258,8 @@ def train(cfg: RunConfig) -> dict:
         raise ours from None
     summary = module.summary()
     saver = next(c for c in trainer.callbacks if isinstance(c, SaveOnRequest))
-    if saver.preempted:
-        summary["stopped_by"] = "SIGUSR1"
-        if trainer.is_global_zero:
-            requeue_slurm_job()
+    if saver.preempted or trainer.received_sigterm:
+        summary["stopped_by"] = "SIGUSR1" if saver.preempted else "SIGTERM"
     if trainer.is_global_zero:
         with atomic_write(exp_dir / "summary.json") as f:
             f.write(json.dumps(summary, indent=1))

@@ -35,16 +35,19 @@ class WindowEndCheckpoint(ModelCheckpoint):
 
 
 class SaveOnRequest(Callback):
-    """Writes ``last.ckpt`` every ``every_minutes`` (rank 0's clock), on SIGUSR1 (then stops training:
-    ``preempted``), and at the end of training when the last step was not saved yet."""
+    """Writes ``last.ckpt`` every ``every_minutes`` (rank 0's clock), on SIGUSR1 (then requeues the SLURM job at
+    once and stops training without a last validation: ``preempted``), and at the end of training when
+    ``last.ckpt`` does not hold the last step. ``step_checkpoint`` is the ModelCheckpoint that also writes
+    ``last.ckpt`` with each step checkpoint."""
 
-    def __init__(self, last_path: Path, every_minutes: Optional[float]):
+    def __init__(self, last_path: Path, every_minutes: Optional[float], step_checkpoint: ModelCheckpoint):
         self.last_path = Path(last_path)
         self.every_s = every_minutes * 60 if every_minutes else None
+        self.step_checkpoint = step_checkpoint
         self.signalled = False
         self.due = False
         self.preempted = False
-        self.saved_step = -1
+        self.saved_step = -1  # of our own writes of last.ckpt (the same on every rank)
         self.last_save = time.monotonic()
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -55,7 +58,12 @@ class SaveOnRequest(Callback):
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the next check: nothing else may run inside a signal handler
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+    def _last_step(self) -> int:
+        # The step ModelCheckpoint (save_last=True) writes last.ckpt with each of its saves, on every rank's count.
+        return max(self.saved_step, getattr(self.step_checkpoint, "_last_global_step_saved", -1))
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
         self.saved_step = trainer.global_step
         self.last_save = time.monotonic()
 
@@ -72,13 +80,17 @@ class SaveOnRequest(Callback):
                 log.warning("SIGUSR1: saving at the end of this accumulation window, then stopping")
         if self.due and getattr(pl_module, "_micro", 0) == 0:
             self.due = False
-            trainer.save_checkpoint(self.last_path)
+            if self._last_step() != trainer.global_step:
+                self._save(trainer)
             if self.preempted:
+                if trainer.is_global_zero:
+                    requeue_slurm_job()  # now: the time left before SLURM kills the job is short
+                trainer.limit_val_batches = 0  # no validation round on the way out
                 trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.last_path)
+        if self._last_step() != trainer.global_step:
+            self._save(trainer)
 
 
 def requeue_slurm_job() -> None:

@@ -11,6 +11,9 @@ import sys
 from nest.config import ConfigError, describe, load_config
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; run again with resume=auto
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -37,4 +40,8 @@ def main(argv=None) -> int:
             return 1
         raise
     print(json.dumps(summary, indent=1))
+    if summary.get("stopped_by"):  # not finished: a recipe must not mark its training stage done
+        print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: continue with resume=auto",
+              file=sys.stderr)
+        return EXIT_STOPPED
     return 0
