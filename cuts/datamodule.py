@@ -194,8 +194,8 @@ class NestDataModule(pl.LightningDataModule):
                             "`prepare.py bins` on this corpus", bins.max_duration, over, len(seen), longest)
 
     def _warn_unused(self, cuts: list) -> None:
-        """A small corpus: one epoch of the sampler says which cuts no batch ever takes (their bucket never
-        fills a batch, and drop_last drops it, every epoch)."""
+        """A small corpus: one epoch of the sampler says how many cuts no batch takes (dropped incomplete
+        batches, and buckets that never fill one)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             sampler = self._sampler(CutSet(cuts), self.seed, 1, 0)
@@ -204,8 +204,9 @@ class NestDataModule(pl.LightningDataModule):
         kept = [c for c in cuts if self.cfg.min_duration <= c.duration <= self.cfg.max_duration]
         unused = [c for c in kept if c.id not in used]
         if len(unused) > 0.1 * len(kept):
-            log.warning("%d of the %d cuts (%.0f%%) are in buckets that never fill a batch (data.batch_duration=%g s): "
-                        "with data.drop_last=true they are never trained on; lower data.batch_duration, make fewer "
+            log.warning("%d of the %d cuts (%.0f%%) are in no batch of an epoch (data.batch_duration=%g s): each "
+                        "bucket's last, incomplete batch is dropped (data.drop_last=true), and the cuts of a bucket "
+                        "that never fills a batch are never trained on; lower data.batch_duration, make fewer "
                         "buckets (prepare.py bins --buckets), or set data.drop_last=false (`prepare.py report` shows "
                         "each bucket)", len(unused), len(kept), 100 * len(unused) / max(len(kept), 1),
                         self.cfg.batch_duration)

@@ -151,6 +151,8 @@ class ProgressBar(TQDMProgressBar):
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 # A used exp_dir is refused at start-up unless resumed (check_exp_dir): then its checkpoints are expected there.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Validation metrics are reduced over ranks by the module itself (one all-reduce per round) before logging.
+warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val")
 
 
 def trainer_options(cfg: RunConfig, cuda: bool) -> dict:
