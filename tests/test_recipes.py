@@ -104,3 +104,22 @@ def test_folder_recipe_end_to_end_from_another_folder(tmp_path):
     assert {"spk0/000.wav", "spk0/000.flac", "spk1/000", "spk2/000"} <= set(ids)
     assert (cwd / "work" / "exp" / "folder_nest" / "checkpoints" / "last.ckpt").is_file()
     assert not (ROOT / "data" / "folder").exists() and not (ROOT / "exp" / "folder_nest").exists()
+
+
+def test_folder_recipe_on_the_demo_corpus(tmp_path):
+    from cuts.synth import synthesize_corpus
+
+    synthesize_corpus(tmp_path / "raw", num_utterances=60, num_noises=3, seed=1)
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    result = run(ROOT / "recipes" / "folder" / "run.sh", "--speech-dir", "../raw/speech", "--noise-dir", "../raw/noise",
+                 "--config", "nest_tiny.yaml", "--dev-fraction", "0.1", "--jobs", "1", "trainer.max_steps=3",
+                 "trainer.accelerator=cpu", "data.num_workers=0", "trainer.enable_progress_bar=false", cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"trained 3 steps, [0-9.]+ h of audio seen", result.stdout)
+    from lhotse import CutSet
+
+    data = cwd / "data" / "folder"
+    train, dev = (CutSet.from_file(data / f"{s}.jsonl.gz") for s in ("train", "dev"))
+    assert len(train) + len(dev) == 60 and len(dev) == 6  # speech/train/* and speech/dev/*: every file kept
+    assert all(c.id.split("/")[0] in ("train", "dev") for c in [*train, *dev])  # ids keep their folder
