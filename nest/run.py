@@ -24,7 +24,7 @@ from nest.checkpoint import CheckpointError, config_differences, load_state, loa
 from nest.config import ConfigError, RunConfig, to_yaml
 from nest.inputs import check_sources
 from nest.lightning import DataLoadError, NestLightningModule, NonFiniteLossError, StepOptions, make_module
-from nest.saving import SaveOnRequest, WindowEndCheckpoint
+from nest.saving import SaveOnRequest, WindowEndCheckpoint, catch_sigusr1_early
 
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story for the user: train.py prints it without a traceback.
@@ -228,6 +228,7 @@ def train(cfg: RunConfig) -> dict:
     # Calibrated batch sizes must hold for days: an allocator that maps memory in growable segments does not
     # fragment into blocks too small for the next long batch (PyTorch reads this before the first allocation).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    catch_sigusr1_early()
     check_inputs(cfg)
     exp_dir = Path(cfg.exp_dir).resolve()
     ckpt_path = find_resume(cfg, exp_dir)

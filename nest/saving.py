@@ -26,6 +26,15 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 log = logging.getLogger(__name__)
 
 
+SIGUSR1_RECEIVED = threading.Event()
+
+
+def catch_sigusr1_early() -> None:
+    """From the start of a run (its checks take a while): a SIGUSR1 is remembered instead of killing the process."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: SIGUSR1_RECEIVED.set())
+
+
 class WindowEndCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving step checkpoints only at the end of an accumulation window."""
 
@@ -51,6 +60,8 @@ class SaveOnRequest(Callback):
         self.last_save = time.monotonic()
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self.signalled |= SIGUSR1_RECEIVED.is_set()  # during start-up: acted on at the first logging step
+        SIGUSR1_RECEIVED.clear()
         if threading.current_thread() is threading.main_thread():
             # Installed before Lightning's signal connector, which then leaves SIGUSR1 alone.
             signal.signal(signal.SIGUSR1, self._on_signal)
