@@ -59,19 +59,4 @@ if run_stage 2 split "dev_fraction=$dev_fraction" "seed=$seed" --in "$data/all/c
   python "$REPO/prepare.py" split "$data/all/cuts.jsonl.gz" "$data" --dev-fraction "$dev_fraction" --seed "$seed"
   done_stage
 fi
-if run_stage 3 bins "buckets=$buckets" --in "$data/train.jsonl.gz" --out "$data/bins.yaml"; then
-  python "$REPO/prepare.py" bins "$data/train.jsonl.gz" --buckets "$buckets" --out "$data/bins.yaml"
-  done_stage
-fi
-if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$data/train.jsonl.gz" "$data/dev.jsonl.gz" \
-    "$data/bins.yaml" ${noise_dir:+"$data/noise/cuts.jsonl.gz"} --out "$exp/checkpoints/last.ckpt"; then
-  sets=(data.train_cuts="[$data/train.jsonl.gz]")
-  has_cuts "$data/dev.jsonl.gz" && sets+=(data.val_cuts="[$data/dev.jsonl.gz]")
-  [ -n "$noise_dir" ] && sets+=(data.noise_cuts="[$data/noise/cuts.jsonl.gz]")
-  python "$REPO/train.py" --config "$config" "${sets[@]}" data.bins="$data/bins.yaml" exp_dir="$exp" resume=auto \
-    "${extra_args[@]}"
-  done_stage
-fi
-if in_range 5; then
-  python -m nest.summary "$exp"
-fi
+bins_train_summary "$data/train.jsonl.gz" "$data/dev.jsonl.gz" "${noise_dir:+$data/noise/cuts.jsonl.gz}"

@@ -64,18 +64,4 @@ if run_stage 2 prepare_musan "seed=$seed" --in "$musan_dir" --out "$data/noise/c
     --jobs "$jobs" --seed "$seed" "${dl[@]}"
   done_stage
 fi
-if run_stage 3 bins "buckets=$buckets" --in "$data/train/cuts.jsonl.gz" --out "$data/bins.yaml"; then
-  python "$REPO/prepare.py" bins "$data/train/cuts.jsonl.gz" --buckets "$buckets" --out "$data/bins.yaml"
-  done_stage
-fi
-if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$data/train/cuts.jsonl.gz" \
-    "$data/dev/cuts.jsonl.gz" "$data/noise/cuts.jsonl.gz" "$data/bins.yaml" --out "$exp/checkpoints/last.ckpt"; then
-  python "$REPO/train.py" --config "$config" \
-    data.train_cuts="[$data/train/cuts.jsonl.gz]" data.val_cuts="[$data/dev/cuts.jsonl.gz]" \
-    data.noise_cuts="[$data/noise/cuts.jsonl.gz]" data.bins="$data/bins.yaml" exp_dir="$exp" resume=auto \
-    "${extra_args[@]}"
-  done_stage
-fi
-if in_range 5; then
-  python -m nest.summary "$exp"
-fi
+bins_train_summary "$data/train/cuts.jsonl.gz" "$data/dev/cuts.jsonl.gz" "$data/noise/cuts.jsonl.gz"

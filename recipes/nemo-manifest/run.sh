@@ -72,19 +72,4 @@ if [ -z "$dev" ] && run_stage 2 split "dev_fraction=$dev_fraction" "seed=$seed" 
   python "$REPO/prepare.py" split "$data/all/cuts.jsonl.gz" "$data" --dev-fraction "$dev_fraction" --seed "$seed"
   done_stage
 fi
-if run_stage 3 bins "buckets=$buckets" --in "$train_cuts" --out "$data/bins.yaml"; then
-  python "$REPO/prepare.py" bins "$train_cuts" --buckets "$buckets" --out "$data/bins.yaml"
-  done_stage
-fi
-if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$train_cuts" "$dev_cuts" "$data/bins.yaml" \
-    ${noise:+"$data/noise/cuts.jsonl.gz"} --out "$exp/checkpoints/last.ckpt"; then
-  sets=(data.train_cuts="[$train_cuts]")
-  has_cuts "$dev_cuts" && sets+=(data.val_cuts="[$dev_cuts]")
-  [ -n "$noise" ] && sets+=(data.noise_cuts="[$data/noise/cuts.jsonl.gz]")
-  python "$REPO/train.py" --config "$config" "${sets[@]}" data.bins="$data/bins.yaml" exp_dir="$exp" resume=auto \
-    "${extra_args[@]}"
-  done_stage
-fi
-if in_range 5; then
-  python -m nest.summary "$exp"
-fi
+bins_train_summary "$train_cuts" "$dev_cuts" "${noise:+$data/noise/cuts.jsonl.gz}"
