@@ -5,26 +5,19 @@ import json
 from itertools import islice
 from pathlib import Path
 
+from cuts.io import iter_jsonl
+from cuts.prepare import AUDIO_EXTENSIONS
 from cuts.sampler import open_cuts
 from cuts.shar import is_url
 from cuts.targets import targets_spec
 from nest.config import ConfigError, RunConfig
 
-AUDIO = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".sph", ".m4a", ".aac", ".aif", ".aiff")
-
-
 def _first_json(path: Path) -> dict | None:
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
+    """The first object of a JSON-lines file (plain or gzip), or None when its first line is not one."""
     try:
-        with opener(path, "rt") as f:
-            for line in islice(f, 5):
-                if line.strip():
-                    return json.loads(line)
-    except (OSError, ValueError, UnicodeDecodeError):
+        return next((obj for _, obj in iter_jsonl(path)), None)
+    except (OSError, ValueError):  # ManifestError is a ValueError
         return None
-    return None
 
 
 def _hint(key: str, source: str) -> str | None:
@@ -39,10 +32,10 @@ def _hint(key: str, source: str) -> str | None:
             return f"{key}: {source} is a prepared folder: give the manifest in it, {p / 'cuts.jsonl.gz'}"
         if (p / "train.jsonl.gz").is_file():
             return f"{key}: {source} holds a split: give {p / 'train.jsonl.gz'} (and {p / 'dev.jsonl.gz'} as data.val_cuts)"
-        has_audio = any(q.suffix.lower() in AUDIO for q in islice(p.rglob("*"), 10000))
+        has_audio = any(q.suffix.lower() in AUDIO_EXTENSIONS for q in islice(p.rglob("*"), 10000))
         what = "an audio folder" if has_audio else "a folder without a Shar cuts.*.jsonl.gz"
         return f"{key}: {source} is {what}, not a CutSet: run `{make} {source} OUT` and give OUT/cuts.jsonl.gz"
-    if p.suffix.lower() in AUDIO:
+    if p.suffix.lower() in AUDIO_EXTENSIONS:
         return f"{key}: {source} is an audio file: give a CutSet (`{make} FOLDER OUT`)"
     first = _first_json(p)
     if first is None:
