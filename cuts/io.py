@@ -139,6 +139,15 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
                                 "the file is damaged or was cut short: write it again") from None
 
 
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def key_hash(key: str, seed: int) -> int:
     """A 64-bit hash of ``key`` that depends on ``seed`` only (not on Python's hash randomization)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")

@@ -33,12 +33,10 @@ from lhotse import CutSet
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
-from cuts.io import atomic_write, write_text
+from cuts.io import atomic_write, sha256_file, write_text
 from cuts.prepare import DUPLICATE, UNREADABLE, NothingUsable, Rejection, SetWriter, finish
 from nest.checkpoint import safe_torch_load
-from nest.kmeans_features import (
-    FeatureError, FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe, sha256_file,
-)
+from nest.kmeans_features import FeatureError, FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe
 
 log = logging.getLogger(__name__)
 CHUNK = 8  # cuts per task sent to a worker process

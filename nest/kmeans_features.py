@@ -13,7 +13,6 @@ Encoder labels are at 80 ms already: R = 1. A position without a label is -1 (le
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torchaudio
 from lhotse.cut import Cut
 
 from cuts.dataset import at_rate, load_mono
+from cuts.io import sha256_file
 from nest.config import ModelConfig
 
 MFCC_DIM = 39
@@ -60,15 +60,6 @@ class FeatureRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def num_tokens(num_samples: int, window_stride: float, sample_rate: int, subsampling_factor: int) -> int:

@@ -29,6 +29,7 @@ from lhotse.utils import fastcopy
 from torch import nn
 
 from cuts.dataset import at_rate, load_mono
+from cuts.io import sha256_file
 from cuts.sampler import open_cuts
 from nest.checkpoint import CheckpointError, build_model, load_model
 from nest.config import ConfigError, PreprocessorConfig, load_config
@@ -92,15 +93,6 @@ class LogMelLayers(nn.Module):
         return [out], lens
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_config(config_path: str, spec: str):
     """The model section of a config file, its errors reported against ``spec``."""
     try:
@@ -116,7 +108,7 @@ def source_identity(spec: str, seed: int) -> dict:
     if spec == "mel" or spec.startswith("mel:"):
         cfg = _model_config(spec[4:], spec).preprocessor if spec != "mel" else PreprocessorConfig()
         return {"kind": "mel", "preprocessor": asdict(cfg)}
-    return {"kind": "file", "sha256": file_digest(checked_file(spec))}
+    return {"kind": "file", "sha256": sha256_file(checked_file(spec))}
 
 
 def checked_file(spec: str) -> Path:
@@ -296,7 +288,7 @@ def cache_key(identity: dict, manifest: str, layers: str, batch_size: int) -> st
     path = Path(manifest)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     data = {"version": CACHE_VERSION, "source": identity, "layers": layers, "batch_size": batch_size,
-            "cuts": [file_digest(p) for p in files]}
+            "cuts": [sha256_file(p) for p in files]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
