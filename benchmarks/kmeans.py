@@ -92,7 +92,7 @@ def labelling_speed(clusters: int, seconds: float) -> dict:
     import torch
 
     from nest.kmeans import assign
-    from nest.kmeans_features import Featurizer, mfcc_recipe
+    from nest.kmeans.features import Featurizer, mfcc_recipe
 
     torch.set_num_threads(1)
     audio, source = speech_audio()

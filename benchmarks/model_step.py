@@ -3,7 +3,7 @@
   python benchmarks/model_step.py --preset large --batch 8 --seconds 16 [--device cuda] [--precision bf16]
 
 ``audio_s_per_s`` is seconds of audio per second of training step (forward, backward, fused AdamW).
-``host_syncs_per_step`` counts the host-device synchronisations of one such step (nest/syncs.py; on CPU
+``host_syncs_per_step`` counts the host-device synchronisations of one such step (nest/training/syncs.py; on CPU
 the CPU stands in for the device), ``host_sync_ops`` names them.
 ``explicit_attention_audio_s_per_s`` times the same model with attention computed as NeMo does by
 default (scores, masked softmax, matmul) instead of PyTorch's fused SDPA, in the same run, so their
@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
-from nest.config import model_preset  # noqa: E402
-from nest.conformer import NEG_INF, RelPositionMultiHeadAttention  # noqa: E402
-from nest.model import NestModel  # noqa: E402
-from nest.syncs import HostSyncCounter  # noqa: E402
+from nest.model.conformer import NEG_INF, RelPositionMultiHeadAttention  # noqa: E402
+from nest.objectives import NestModel, model_preset  # noqa: E402
+from nest.training.syncs import HostSyncCounter  # noqa: E402
 
 
 def explicit_attention(self, x, pos_emb, att_mask):

@@ -188,7 +188,7 @@ def kmeans_available() -> str | None:
     """None when k-means targets can be trained in this checkout (issue 13), else why not."""
     import importlib.util
 
-    from nest.config import ModelConfig
+    from nest.objectives import ModelConfig
 
     if "targets" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         return "model.targets does not exist in this checkout (issue 13)"

@@ -126,8 +126,7 @@ class Worker:
             from cuts.config import NoiseConfig
             from cuts.dataset import NestDataset, SamplerItem
             from cuts.noise import NoiseMixer
-            from nest.config import model_preset
-            from nest.model import NestModel
+            from nest.objectives import NestModel, model_preset
 
             model = NestModel(model_preset(self.setup["preset"])).train()
 
@@ -253,7 +252,7 @@ def main() -> None:
     from dataclasses import asdict
 
     sys.path.insert(0, str(ROOT))
-    from nest.config import model_preset
+    from nest.objectives import model_preset
 
     model_cfg = model_preset(args.preset)
     have_nemo = Path(args.nemo_python).is_file() and subprocess.run(

@@ -1,4 +1,4 @@
-"""Data: CutSets, noise sets, duration bins, sampler, dataset and datamodule for NEST pretraining."""
+"""Data: CutSets, noise sets, duration bins, sampler, dataset and the training data feed for NEST pretraining."""
 import os
 import shutil
 

@@ -10,7 +10,7 @@ Headroom: the default budget is 90% of the GPU's memory, less an allowance for D
 NeMo's OOMptimizer sizes have been seen to run out of memory after hours as the allocator fragments
 (NVIDIA-NeMo/Speech #15847); training therefore runs the CUDA allocator with expandable segments, which
 do not fragment into blocks too small for the next long batch, and retries a step that still runs out
-as two half batches (nest/lightning.py). Lower ``--memory-fraction`` for more margin.
+as two half batches (nest/training/step.py). Lower ``--memory-fraction`` for more margin.
 """
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from nest.config import ModelConfig
-from nest.checkpoint import build_model
+from cuts.dataset import AudioNoiseBatch
+from nest.config.schema import OptimConfig
+from nest.objectives import build_model
+from nest.objectives.config import ModelConfig
+from nest.training.optim import make_optimizer
+from nest.training.step import GuardedStep, StepOptions, forward_batch
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -61,20 +65,41 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def synthetic_batch(cfg: ModelConfig, batch_size: int, samples: int, device: torch.device) -> AudioNoiseBatch:
+    """A batch of ``batch_size`` utterances of ``samples`` each, as the data feed makes them: clean audio, the
+    noise added to it, and (model.targets=kmeans) random labels of the tokens' shape."""
+    audio = 0.1 * torch.randn(batch_size, samples, device=device)
+    targets = None
+    if cfg.targets == "kmeans":
+        hop = int(cfg.preprocessor.window_stride * cfg.preprocessor.sample_rate)
+        tokens = -(-samples // hop // cfg.encoder.subsampling_factor)
+        targets = torch.randint(cfg.quantizer.num_classes, (batch_size, tokens + 1, cfg.quantizer.num_books),
+                                device=device)
+    return AudioNoiseBatch(audio=audio, audio_lens=torch.full((batch_size,), samples, device=device),
+                           noise=0.05 * torch.randn_like(audio), targets=targets,
+                           cut_ids=[f"synthetic-{i}" for i in range(batch_size)])
+
+
 class TrainingStep:
-    """One full training step of the model on a synthetic batch; returns its peak memory in bytes.
+    """One full training step (nest.training.step's, with the run's optimizer) of the model on a synthetic batch;
+    returns its peak memory in bytes.
 
     Raises torch.OutOfMemoryError when the device runs out.
     """
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, precision: str, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, device: torch.device, precision: str, seed: int = 0,
+                 optim: OptimConfig = OptimConfig()):
         torch.manual_seed(seed)
         self.device = device
         self.model = build_model(cfg).to(device).train()
         self.sample_rate = cfg.preprocessor.sample_rate
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as training steps it
+        self.optimizer, scheduler = make_optimizer(self.model, optim, cfg.encoder.d_model)
+        self.step = GuardedStep(self.model, self.optimizer, scheduler, StepOptions())
+
+    def _forward(self, batch: AudioNoiseBatch):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return forward_batch(self.model, batch)
 
     def __call__(self, batch_size: int, duration: float) -> int:
         samples = int(duration * self.sample_rate)
@@ -89,21 +114,9 @@ class TrainingStep:
             before = tensor_bytes(self.model.parameters()) + tensor_bytes(self.model.buffers()) + tensor_bytes(state)
             tracker.__enter__()
         try:
-            audio = 0.1 * torch.randn(batch_size, samples, device=self.device)
-            noisy = audio + 0.05 * torch.randn_like(audio)
-            lens = torch.full((batch_size,), samples, device=self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                extra = {}
-                if getattr(self.model.cfg, "targets", None) == "kmeans":  # labels as data: random ones of that shape
-                    q = self.model.cfg.quantizer
-                    tokens = -(-samples // self.model.preprocessor.hop_length // self.model.cfg.encoder.subsampling_factor)
-                    extra["targets"] = torch.randint(q.num_classes, (batch_size, tokens + 1, q.num_books),
-                                                     device=self.device)
-                out = self.model(audio, lens, noisy, lens, **extra)
-            out.loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            del out, audio, noisy
+            batch = synthetic_batch(self.model.cfg, batch_size, samples, self.device)
+            self.step(batch, self._forward)
+            del batch
         finally:
             if tracker is not None:
                 tracker.__exit__(None, None, None)
@@ -221,7 +234,7 @@ def save_batch_sizes(results: list[BucketResult], path, meta: dict) -> None:
 def run_calibration(
     cfg: ModelConfig, uppers: list[float], out_path, *, memory_fraction: float = 0.9,
     memory_budget_gib: Optional[float] = None, precision: Optional[str] = None, gap: float = 0.05,
-    ddp_allowance: bool = True, device: Optional[str] = None,
+    ddp_allowance: bool = True, device: Optional[str] = None, optim: OptimConfig = OptimConfig(),
 ) -> list[BucketResult]:
     """``prepare.py calibrate``: search, merge, write batch_sizes.yaml; returns the merged buckets."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -233,7 +246,7 @@ def run_calibration(
         raise ValueError("on CPU give --memory-budget-gib (there is no device memory to take a fraction of)")
     else:
         budget = int(memory_budget_gib * GIB)
-    step = TrainingStep(cfg, dev, precision)
+    step = TrainingStep(cfg, dev, precision, optim=optim)
     allowance = tensor_bytes(p for p in step.model.parameters() if p.requires_grad) if ddp_allowance else 0
     log.info("budget %.2f GiB, DDP gradient-bucket allowance %.2f GiB", budget / GIB, allowance / GIB)
     results = merge_equal_neighbours(calibrate(step, uppers, budget - allowance, gap))
@@ -262,13 +275,13 @@ def add_parser(subparsers) -> None:
 
 def _cmd_calibrate(args) -> dict:
     from cuts.bins import Bins
-    from nest.config import load_config
+    from nest.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)
     results = run_calibration(
         cfg.model, Bins.load(args.bins).upper, args.out, memory_fraction=args.memory_fraction,
         memory_budget_gib=args.memory_budget_gib, precision=args.precision, gap=args.gap,
-        ddp_allowance=not args.no_ddp_allowance, device=args.device,
+        ddp_allowance=not args.no_ddp_allowance, device=args.device, optim=cfg.optim,
     )
     return {"out": args.out, "buckets": [{"upper_s": r.upper, "batch_size": r.batch_size,
                                           "peak_gib": round(r.peak_bytes / 2**30, 3)} for r in results]}

@@ -26,11 +26,12 @@ from lhotse.utils import fastcopy
 from torch import nn
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
-
 from cuts.dataset import at_rate, load_mono
 from cuts.sampler import open_cuts
-from nest.checkpoint import load_model
+from nest.io.checkpoint import load_model
+from nest.objectives.base import select_layers
+
+log = logging.getLogger(__name__)
 
 
 class PretrainedEncoder(nn.Module):
@@ -67,16 +68,6 @@ def load_pretrained_encoder(path: str | Path, train: bool = False) -> Pretrained
     return PretrainedEncoder(load_model(path)).train(train)
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    if spec == "all":
-        return list(range(n_layers))
-    layers = [int(x) for x in spec.split(",")]
-    bad = [i for i in layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise ValueError(f"--layers {bad} out of range for a {n_layers}-layer encoder")
-    return sorted({i % n_layers for i in layers})
-
-
 def extract(
     ckpt: str, cuts: CutSet, out_dir: Path, layers: str = "all", fmt: str = "npy", batch_size: int = 8,
     device: Optional[str] = None,
@@ -85,7 +76,7 @@ def extract(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(ckpt).to(device).eval()
     sr = model.cfg.preprocessor.sample_rate
-    chosen = parse_layers(layers, model.cfg.encoder.n_layers)
+    chosen = select_layers(layers, model.cfg.encoder.n_layers)
     frame_shift = model.cfg.encoder.subsampling_factor * model.cfg.preprocessor.window_stride
     out_dir = Path(out_dir)
     writer = NumpyFilesWriter(out_dir / "arrays") if fmt == "lhotse" else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from nest.checkpoint import load_model
+from nest.io.checkpoint import load_model
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ import json
 import logging
 import sys
 
-from nest.config import ConfigError, describe, load_config
+from nest.config import describe, load_config
+from nest.errors import ConfigError
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; run again with resume=auto
@@ -26,14 +27,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        from nest.run import RUN_ERRORS, train  # after the config is checked: importing Lightning takes seconds
+        from nest.training.run import RUN_ERRORS, train  # after the config is checked: importing Lightning takes seconds
 
         summary = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from nest.run import RUN_ERRORS
+        from nest.training.run import RUN_ERRORS
 
         if isinstance(e, RUN_ERRORS):
             print(f"error: {e}", file=sys.stderr)

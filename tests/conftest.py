@@ -9,6 +9,7 @@ REAL_DATA = Path(os.environ.get("NEST_REAL_DATA", ROOT.parent / "shared" / "data
 NEMO_FIXTURES = Path(os.environ.get("NEST_NEMO_FIXTURES", ROOT.parent / "shared" / "fixtures" / "nemo"))
 # Written by tests/nemo_fixtures/make_post_conv.py (run under NeMo's interpreter; see its docstring).
 POST_CONV_FIXTURES = Path(os.environ.get("NEST_POST_CONV_FIXTURES", NEMO_FIXTURES.parent / "nemo_post_conv"))
+W2VBERT_FIXTURES = Path(os.environ.get("NEST_W2VBERT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "nemo_w2vbert"))
 
 
 @pytest.fixture

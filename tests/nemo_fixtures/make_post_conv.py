@@ -1,4 +1,4 @@
-"""Generate the NeMo fixture of tests/test_encoder_options.py::test_post_conv_matches_nemo.
+"""Generate the NeMo fixture of tests/model/test_encoder_options.py::test_post_conv_matches_nemo.
 
 Builds NVIDIA NeMo 3.0.0's ``EncDecDenoiseMaskedTokenPredModel`` with ``mask_position: post_conv`` at the sizes
 of the pre_conv fixture ``nest_tiny`` (../shared/fixtures/nemo), runs it once in eval mode on real speech mixed
@@ -6,7 +6,7 @@ with real noise, and writes what the test compares against. Run it with NeMo's i
 project's: it imports nothing from this repository, so that NeMo never becomes a dependency of the project::
 
     /work/nemo_venv/bin/python tests/nemo_fixtures/make_post_conv.py OUT_DIR [--real-data DIR] [--seed 7]
-    NEST_POST_CONV_FIXTURES=OUT_DIR /work/main/.venv/bin/python -m pytest -q tests/test_encoder_options.py
+    NEST_POST_CONV_FIXTURES=OUT_DIR /work/main/.venv/bin/python -m pytest -q tests/model/test_encoder_options.py
 
 OUT_DIR receives ``nest_tiny_post_conv_io.pt``, ``nest_tiny_post_conv_model_config.yaml`` (the config as NeMo
 saves it into a .nemo), ``nest_tiny_post_conv.nemo`` and a README.md describing them.

@@ -1,0 +1,6 @@
+"""python -m nest.probe"""
+import sys
+
+from nest.probe.run import main
+
+sys.exit(main())

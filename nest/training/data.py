@@ -1,0 +1,39 @@
+"""Lightning's view of the data feed (cuts.feed.DataFeed): its loaders and its position in checkpoints."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from cuts.dataset import AudioNoiseBatch
+from cuts.feed import DataFeed
+
+
+class NestDataModule(pl.LightningDataModule):
+    """Passes Lightning's hooks to ``feed``. Lightning stores ``state_dict`` in checkpoints under this class's
+    name: keep the name, or old checkpoints lose their data position."""
+
+    def __init__(self, feed: DataFeed):
+        super().__init__()
+        self.feed = feed
+
+    def setup(self, stage: str) -> None:
+        # Called once the strategy knows the world: before loaders are made and checkpoints restored.
+        cuda = self.trainer.strategy.root_device.type == "cuda"
+        self.feed.place(self.trainer.world_size, self.trainer.global_rank, pin_memory=cuda)
+
+    def train_dataloader(self):
+        return self.feed.train_dataloader()
+
+    def val_dataloader(self):
+        return self.feed.val_dataloader()
+
+    def batch_done(self, batch: AudioNoiseBatch, window_end: bool) -> None:
+        """After each training batch; the position moves at the end of an accumulation window."""
+        self.feed.batch_done(batch, window_end)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.feed.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.feed.load_state_dict(state)

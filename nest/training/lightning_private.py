@@ -1,0 +1,41 @@
+"""Every use of Lightning's private API, each with why. Checked against pytorch-lightning 2.6.6; on an upgrade,
+read these against Lightning's source again (tests/training cover each: logging cadence, SIGTERM broadcast on
+logging steps, the step checkpoint's last step)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+def should_log(trainer: pl.Trainer) -> bool:
+    """Whether this batch is a logging step, by Lightning's own cadence (``_LoggerConnector.should_update_logs``:
+    every ``log_every_n_steps`` batches, and when stopping). The step syncs with the device only then, and all
+    ranks agree on it, so cross-rank requests are shared there too."""
+    return trainer._logger_connector.should_update_logs
+
+
+def broadcast_sigterm_on_logging_steps(trainer: pl.Trainer, is_logging_step: Callable[[], bool]) -> None:
+    """Under DDP, Lightning (2.5+, ``_TrainingEpochLoop._broadcast_sigterm_tensor``, called from ``advance``)
+    broadcasts rank 0's SIGTERM flag before every batch and reads it with ``.item()``: a collective and a host
+    sync per step. Its purpose is that all ranks stop at the same step; doing it on logging steps only (a step
+    count every rank agrees on, where the step syncs anyway) keeps that, stopping at most ``log_every_n_steps``
+    later."""
+    loop = trainer.fit_loop.epoch_loop
+    every_step = getattr(loop, "_broadcast_sigterm_tensor", None)
+    if every_step is None or getattr(every_step, "on_logging_steps", False):
+        return
+
+    def on_logging_steps() -> None:
+        if is_logging_step():
+            every_step()
+
+    on_logging_steps.on_logging_steps = True
+    loop._broadcast_sigterm_tensor = on_logging_steps
+
+
+def last_step_saved(checkpoint: ModelCheckpoint) -> int:
+    """The global step of ``checkpoint``'s last save (``ModelCheckpoint._last_global_step_saved``): with
+    ``save_last=True`` it also wrote last.ckpt then, which the end-of-training save must not repeat."""
+    return getattr(checkpoint, "_last_global_step_saved", -1)

@@ -1,0 +1,135 @@
+"""The one preflight of a training run: every start-up check, in the order a user's mistakes are found.
+
+1. Values: ranges and choices of every key (nest.config.checks, also run by load_config), then the names only
+   Lightning's registries know (trainer.accelerator, trainer.strategy).
+2. The sets: data.train_cuts given; each of train, val and noise cuts exists, is a CutSet (or the message names
+   the ``nest-prepare`` command that makes one) and holds cuts; k-means labels fit the model (nest.training.sources).
+3. Side files: data.bins and data.bucket_batch_size load.
+4. Checkpoints: resume (``auto``: last.ckpt) and init_from exist.
+5. The experiment folder (rank 0): a new run never writes into another run's; a resumed one keeps its model.
+6. The data itself: the sampler makes a batch and the first cuts' audio loads; a warning when cuts would never
+   be trained on or the bins look like another corpus's (cuts.feed.DataFeed.preflight).
+
+Every failure is a ConfigError naming the key, the file and the fix, before Lightning starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from cuts.bins import Bins
+from cuts.feed import DataFeed, DataSetupError
+from cuts.sampler import NoBatchError, load_batch_sizes
+from nest.config.checks import KNOWN_ACCELERATORS, KNOWN_STRATEGIES, validate
+from nest.config.load import to_yaml
+from nest.config.schema import RunConfig
+from nest.errors import ConfigError
+from nest.training.sources import check_sources
+
+
+@dataclass
+class StartUp:
+    """What the preflight found: where the run lives, what it resumes, and its data feed."""
+
+    exp_dir: Path
+    resume_from: Optional[str]  # a checkpoint path, or None for a new run
+    feed: DataFeed
+
+
+def preflight(cfg: RunConfig) -> StartUp:
+    """Run every start-up check (module docstring) and return what the run needs; raises ConfigError."""
+    validate(cfg)
+    check_trainer_names(cfg)
+    d = cfg.data
+    if not d.train_cuts:
+        raise ConfigError("data.train_cuts is empty: give one or more CutSet manifests or Shar folders")
+    check_sources(cfg)
+    for key, path, load in (("data.bins", d.bins, Bins.load), ("data.bucket_batch_size", d.bucket_batch_size,
+                                                               load_batch_sizes)):
+        if path:
+            try:
+                load(path)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from None
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
+    exp_dir = Path(cfg.exp_dir).resolve()
+    resume_from = find_resume(cfg, exp_dir)
+    if _global_rank_from_env() == 0:
+        check_exp_dir(cfg, exp_dir, resume_from)
+    feed = DataFeed(d, cfg.model.preprocessor.sample_rate, cfg.seed, with_targets=cfg.model.targets == "kmeans")
+    try:
+        feed.preflight()
+    except (NoBatchError, DataSetupError) as e:
+        raise ConfigError(str(e)) from None
+    return StartUp(exp_dir, resume_from, feed)
+
+
+def check_trainer_names(cfg: RunConfig) -> None:
+    """trainer.accelerator and trainer.strategy beyond the common values are checked against Lightning's
+    registries (importing Lightning takes seconds, so the common values are accepted without it)."""
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    t = cfg.trainer
+    for kind, value, known, registry in (
+        ("accelerator", t.accelerator, KNOWN_ACCELERATORS, lambda: {"gpu", *AcceleratorRegistry.available_accelerators()}),
+        ("strategy", t.strategy, KNOWN_STRATEGIES, StrategyRegistry.available_strategies),
+    ):
+        names = sorted({"auto", *registry()})
+        if value not in known and value not in names:
+            raise ConfigError(f"trainer.{kind}={value!r} is not one of Lightning's: {', '.join(names)}")
+
+
+def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
+    """The checkpoint to continue from: ``resume=auto`` takes last.ckpt (the newest: nest.training.saving writes
+    it on a timer, on SIGUSR1 and at the end; Lightning's own hpc_ckpt files are not written)."""
+    if cfg.resume in (None, "", "none"):
+        return None
+    if cfg.resume == "auto":
+        last = exp_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume: {cfg.resume} does not exist")
+    return cfg.resume
+
+
+def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> None:
+    """A new run never writes into another run's folder; a resumed one keeps its model."""
+    used = [p.name for p in (exp_dir / "checkpoints", exp_dir / "config.yaml", exp_dir / "tb")
+            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    if used and cfg.resume in (None, "", "none"):
+        raise ConfigError(f"exp_dir {exp_dir} already holds a run ({', '.join(used)}): continue it with resume=auto, "
+                          f"or give another exp_dir")
+    saved = exp_dir / "config.yaml"
+    if ckpt_path and saved.is_file():
+        before = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+        now = yaml.safe_load(to_yaml(cfg))["model"]
+        diffs = _dict_diff(before, now, "model")
+        if diffs:
+            raise ConfigError(f"resume: the model of {exp_dir} differs from this configuration ({'; '.join(diffs)}); "
+                              f"resume with the same model settings, or start a new exp_dir")
+
+
+def _dict_diff(a: dict, b: dict, prefix: str) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _dict_diff(x, y, f"{prefix}.{k}")
+        elif x != y:
+            out.append(f"{prefix}.{k}: {x!r} -> {y!r}")
+    return out
+
+
+def _global_rank_from_env() -> int:
+    """The rank before Lightning sets up its environment; nonzero for any process but the first of node 0
+    (Lightning's own launcher sets only NODE_RANK in the first process of other nodes)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK") or 0) + int(os.environ.get("LOCAL_RANK") or 0)

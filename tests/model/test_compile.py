@@ -1,0 +1,29 @@
+"""model.compile: the compiled encoder gives the eager encoder's outputs and keeps the state dict keys."""
+import shutil
+
+import pytest
+import torch
+
+from nest.model import EncoderConfig, QuantizerConfig
+from nest.objectives import ModelConfig, NestModel
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_encoder_equals_eager():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        quantizer=QuantizerConfig(num_classes=16, num_books=1, code_dim=8),
+        encoder=EncoderConfig(n_layers=1, d_model=32, n_heads=2, subsampling_conv_channels=8, dropout=0.0,
+                              dropout_pre_encoder=0.0, dropout_att=0.0),
+    )
+    model = NestModel(cfg).eval()
+    keys = list(model.state_dict())
+    feats, lens = torch.randn(2, 80, 64), torch.tensor([64, 40])
+    with torch.no_grad():
+        eager, eager_lens = model.encoder(feats, lens)
+        model.compile_encoder()
+        compiled, compiled_lens = model.encoder(feats, lens)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(compiled_lens, eager_lens)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,103 @@
+"""Inputs at scale: URLs through lhotse's I/O, stalled reads, corrupt lines and shards, a shared noise set."""
+import contextlib
+import gzip
+import time
+
+import pytest
+from lhotse import CutSet
+
+from cuts.dataset import TimedReader
+from cuts.feed import PackedCuts
+from cuts.sampler import open_cuts
+from cuts.shar import ShardProblems, list_shards, shard_cuts, write_shar_index
+
+
+def test_manifests_and_shar_from_urls(tiny_corpus, tmp_path):
+    """``pipe:`` is lhotse's URL-like I/O that needs no server; s3://, gs:// and https:// go the same way."""
+    ids = sorted(c.id for c in CutSet.from_file(tiny_corpus["train"]))
+    got = sorted(c.id for c in open_cuts(f"pipe:cat {tiny_corpus['train']}", seed=0))
+    assert got == ids
+    out = tmp_path / "shar"
+    out.mkdir()
+    fields = CutSet.from_file(tiny_corpus["train"]).to_shar(out, fields={"recording": "flac"}, shard_size=10)
+    write_shar_index(out, fields)
+    pytest.importorskip("requests")  # smart_open reads http(s) with it (lhotse reads s3, gs... the same way)
+    # A URL folder is read through its shar_index.json, here from an HTTP server on this machine.
+    with http_server(out) as url:
+        shards = list_shards(url)
+        assert [s.cuts.rsplit("/", 1)[1] for s in shards] == [f"cuts.00000{i}.jsonl.gz" for i in range(4)]
+        assert sorted(c.id for c in open_cuts(url, seed=0)) == ids
+        assert sorted(c.id for c in open_cuts(f"{url}/cuts.000001.jsonl.gz", seed=0)) == sorted(
+            c.id for c in shard_cuts(shards[1], False, ShardProblems()))
+
+
+@contextlib.contextmanager
+def http_server(folder):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_stalled_read_fails_naming_the_cut(tiny_corpus, monkeypatch):
+    from cuts import dataset
+
+    cut = next(iter(CutSet.from_file(tiny_corpus["train"])))
+    monkeypatch.setattr(dataset, "load_mono", lambda c: time.sleep(5))
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match=f"cut {cut.id}.*data.read_timeout"):
+        TimedReader(0.2)(cut)
+    assert time.perf_counter() - start < 2
+
+
+def test_corrupt_manifest_lines_and_shards_are_skipped_and_counted(tiny_corpus, tmp_path):
+    lines = gzip.open(tiny_corpus["train"], "rt").read().splitlines()
+    broken = tmp_path / "broken.jsonl.gz"
+    with gzip.open(broken, "wt") as f:
+        f.write("\n".join(lines[:3] + ['{"id": "half a line', "not json at all"] + lines[3:]) + "\n")
+    cuts = open_cuts(str(broken), seed=0)
+    assert len(list(cuts)) == len(lines) and cuts.data.bad_lines == 2
+
+    out = tmp_path / "shar"
+    out.mkdir()
+    CutSet.from_file(tiny_corpus["train"]).to_shar(out, fields={"recording": "flac"}, shard_size=10)
+    shards = list_shards(str(out))
+    data = shards[1].recording
+    with open(data, "r+b") as f:  # the second shard's tar is cut short
+        f.truncate(len(open(data, "rb").read()) // 3)
+    problems = ShardProblems()
+    read = [c.id for s in shards for c in shard_cuts(s, True, problems)]
+    assert len(lines) - 10 <= len(read) < len(lines)  # the rest of the broken shard is lost, the others are whole
+    assert len(problems.take()) == 1
+
+
+def test_packed_noise_is_compact_and_gives_back_the_cuts(tiny_corpus):
+    cuts = list(CutSet.from_file(tiny_corpus["train"]))
+    packed = PackedCuts(cuts)
+    assert len(packed) == len(cuts)
+    for i in (0, len(cuts) // 2, len(cuts) - 1):
+        assert packed[i].to_dict() == cuts[i].to_dict()
+    assert len(packed.blob) / len(cuts) < 1000  # bytes a cut, shared by forked workers
+
+
+def test_resume_auto_takes_last_ckpt_not_lightnings_signal_handler_checkpoints(tmp_path):
+    # hpc_ckpt files come from Lightning's SLURM handler, which saves wherever each rank is (nest.training.saving replaces
+    # it); a stale one, even newer, is not resumed from.
+    from nest.config import load_config
+    from nest.training.preflight import find_resume
+
+    cfg = load_config(None, ["resume=auto"])
+    assert find_resume(cfg, tmp_path) is None
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"y")
+    assert find_resume(cfg, tmp_path) == str(ckpts / "last.ckpt")
