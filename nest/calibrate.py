@@ -67,7 +67,8 @@ def tensor_bytes(tensors) -> int:
 
 def synthetic_batch(cfg: ModelConfig, batch_size: int, samples: int, device: torch.device) -> AudioNoiseBatch:
     """A batch of ``batch_size`` utterances of ``samples`` each, as the data feed makes them: clean audio, the
-    noise added to it, and (model.targets=kmeans) random labels of the tokens' shape."""
+    noise added to it (a tensor of its own, as in real batches), and (model.targets=kmeans) random labels of the
+    tokens' shape."""
     audio = 0.1 * torch.randn(batch_size, samples, device=device)
     targets = None
     if cfg.targets == "kmeans":
@@ -95,7 +96,8 @@ class TrainingStep:
         self.sample_rate = cfg.preprocessor.sample_rate
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.optimizer, scheduler = make_optimizer(self.model, optim, cfg.encoder.d_model)
-        self.step = GuardedStep(self.model, self.optimizer, scheduler, StepOptions())
+        # An out-of-memory error must reach the search ("does not fit"), not be retried in halves.
+        self.step = GuardedStep(self.model, self.optimizer, scheduler, StepOptions(), retry_oom=False)
 
     def _forward(self, batch: AudioNoiseBatch):
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):

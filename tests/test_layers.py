@@ -117,6 +117,37 @@ def test_only_the_training_package_imports_lightning():
     assert not wrong
 
 
+def closure(name: str) -> set[str]:
+    """Every module of ours that importing ``name`` runs: its imports, transitively, and their packages."""
+    seen, todo = set(), [name]
+    while todo:
+        m = todo.pop()
+        parts = m.split(".")
+        for k in range(1, len(parts) + 1):
+            parent = ".".join(parts[:k])
+            if parent in MODULES and parent not in seen:
+                seen.add(parent)
+                todo.extend(GRAPH[parent])
+    return seen
+
+
+@pytest.mark.parametrize("name", ["nest.calibrate", "nest.training.step", "nest.training.meters", "nest.training.optim"])
+def test_plain_torch_users_of_the_training_step_do_not_load_lightning(name):
+    loads = sorted(m for m in closure(name) if imports_of(m) & set(LIGHTNING))
+    assert not loads, f"importing {name} runs {loads}, which import Lightning"
+
+
+def test_imports_are_statements_the_layer_checks_can_read():
+    dynamic = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            if isinstance(called, ast.Name) and called.id == "__import__" or \
+                    isinstance(called, ast.Attribute) and called.attr == "import_module":
+                dynamic.append(f"{name}:{node.lineno}")
+    assert not dynamic, f"dynamic imports hide from the layer checks: {dynamic}"
+
+
 @pytest.mark.parametrize("package", ["nest.model", "nest.objectives"])
 def test_model_code_imports_only_torch(package):
     for name in MODULES:

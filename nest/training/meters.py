@@ -96,6 +96,10 @@ class RunMeters:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals = RunTotals(**state)
 
+    def start_window(self) -> None:
+        """A new logging window from now: the first one does not count the start-up (set-up, checkpoint load)."""
+        self.window, self._last_batch_end = Window(), None
+
     def batch_start(self) -> None:
         if self._last_batch_end is not None:
             self.window.data_wait += time.perf_counter() - self._last_batch_end

@@ -154,9 +154,9 @@ def train(cfg: RunConfig) -> dict:
     # fragment into blocks too small for the next long batch (PyTorch reads this before the first allocation).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     catch_sigusr1_early()
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
     start = preflight(cfg)
     exp_dir, ckpt_path = start.exp_dir, start.resume_from
-    pl.seed_everything(cfg.seed, workers=False, verbose=False)
     step = StepOptions(accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
                        gradient_clip_val=cfg.trainer.gradient_clip_val, max_bad_steps=cfg.trainer.max_bad_steps,
                        max_failed_fraction=cfg.data.max_failed_fraction)

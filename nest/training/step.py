@@ -76,19 +76,21 @@ class GuardedStep:
 
     ``backward``, ``no_sync`` and ``optimizer_step`` default to plain torch; Lightning's module passes its
     ``manual_backward``, its strategy's ``block_backward_sync`` and its wrapped optimizer's ``step`` (which
-    counts Lightning's global step). ``skipped`` continues the count of skipped steps of a resumed run.
+    counts Lightning's global step). ``skipped`` continues the count of skipped steps of a resumed run. With
+    ``retry_oom=False`` (calibration, which must see every out-of-memory error) nothing is retried.
     """
 
     def __init__(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, options: StepOptions, *,
         backward: Optional[Callable[[torch.Tensor], None]] = None,
         no_sync: Optional[Callable[[], ContextManager]] = None,
-        optimizer_step: Optional[Callable[[], Any]] = None, skipped: int = 0,
+        optimizer_step: Optional[Callable[[], Any]] = None, skipped: int = 0, retry_oom: bool = True,
     ):
         self.model, self.optimizer, self.scheduler, self.options = model, optimizer, scheduler, options
         self.backward = backward or torch.Tensor.backward
         self.no_sync = no_sync or contextlib.nullcontext
         self.optimizer_step = optimizer_step or optimizer.step
+        self.retry_oom = retry_oom
         self.micro = 0  # micro-batches done in the current accumulation window
         # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
         self.norm_buffers = norm_buffers(model)
@@ -129,6 +131,8 @@ class GuardedStep:
             self.backward(out.loss * weight)
             return out.loss.detach(), out, False
         except torch.OutOfMemoryError as e:
+            if not self.retry_oom:
+                raise
             out = None
             self._check_retry_is_safe(stage, batch, e)
         if stage == "backward":  # the first of its window (else refused above): drop its partial gradients

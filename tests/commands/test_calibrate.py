@@ -117,3 +117,21 @@ def test_sampler_uses_calibrated_sizes_and_report(tiny_corpus, tmp_path):
     rows = bucket_report(durations[durations <= 12.0], [4.0, 8.0, 12.0], [5, 3, 2], None)
     assert sum(r["cuts"] for r in rows) == int((durations <= 12.0).sum())
     assert all(0 <= r["padding"] < 1 for r in rows) and "steps per epoch" in format_table(rows)
+
+
+def test_out_of_memory_in_the_real_step_is_not_retried_but_counts_as_not_fitting(monkeypatch):
+    """The training step retries an out-of-memory batch in halves; calibration must see the error instead."""
+    from nest.objectives import NestModel
+
+    forward = NestModel.forward
+
+    def tight(self, audio, *args, **kwargs):
+        if audio.shape[0] >= 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return forward(self, audio, *args, **kwargs)
+
+    monkeypatch.setattr(NestModel, "forward", tight)
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml").model
+    step = TrainingStep(cfg, torch.device("cpu"), "fp32")
+    results = calibrate(step, [1.0], budget_bytes=10 * GIB, gap=0.0)
+    assert results[0].batch_size == 3
