@@ -1,6 +1,7 @@
-"""The NeMo adapter: every NeMo key and config mapping. A ``.nemo`` file (a tar of model_config.yaml and
-model_weights.ckpt) read as data, NeMo's model configs mapped onto ours (refusing, with the reason, what we do
-not implement) and NeMo's state-dict names onto ours."""
+"""The NeMo adapter: every NeMo key and config mapping, both ways. A ``.nemo`` file (a tar of model_config.yaml
+and model_weights.ckpt) read as data, NeMo's model configs mapped onto ours (refusing, with the reason, what we
+do not implement) and NeMo's state-dict names onto ours; for export, ours onto NeMo 3.0.0's (``to_nemo_config``,
+``to_nemo_state_dict``)."""
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import yaml
 
@@ -321,3 +323,210 @@ def nemo_model_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: no such .nemo file")
     nemo = read_nemo(path)[0]
     return w2vbert_config_from_nemo(nemo) if is_w2vbert_nemo(nemo) else model_config_from_nemo(nemo)
+
+
+# ---- Export: our models as NeMo 3.0.0 writes them (model_config.yaml and model_weights.ckpt of a .nemo) ----
+
+NEMO_CLASSES = {
+    "nest": "nemo.collections.asr.models.ssl_models.EncDecDenoiseMaskedTokenPredModel",
+    "w2vbert": "nemo.collections.asr.models.ssl_models.SpeechEncDecSelfSupervisedModel",
+}
+_MODULES, _LOSSES = "nemo.collections.asr.modules.", "nemo.collections.asr.losses."
+
+
+def _non_default(values: dict, defaults: dict) -> dict:
+    """The entries of ``values`` that differ from NeMo's constructor defaults (NeMo's YAMLs leave those out)."""
+    return {k: v for k, v in values.items() if v != defaults[k]}
+
+
+def _preprocessor_section(p: PreprocessorConfig) -> dict:
+    return {
+        "_target_": _MODULES + "AudioToMelSpectrogramPreprocessor", "sample_rate": p.sample_rate,
+        "normalize": "per_feature", "window_size": p.window_size, "window_stride": p.window_stride, "window": "hann",
+        "features": p.features, "n_fft": p.n_fft, "log": True, "frame_splicing": 1, "dither": p.dither,
+        "pad_to": p.pad_to, "pad_value": 0.0,
+        **_non_default({"preemph": p.preemph, "log_zero_guard_value": p.log_zero_guard_value},
+                       {"preemph": 0.97, "log_zero_guard_value": 2**-24}),
+    }
+
+
+def _encoder_section(cfg: ModelConfig) -> dict:
+    """NeMo's ConformerEncoder section with the keys of NeMo's recipe YAML of the objective."""
+    e, nest = cfg.encoder, cfg.objective == "nest"
+    if not e.untie_biases:
+        raise CheckpointError("model.encoder.untie_biases=False cannot be exported: this project's encoder always has "
+                              "per-layer positional biases (NeMo's untie_biases=true), whatever the config says")
+    return {
+        "_target_": _MODULES + "ConformerEncoder", "feat_in": cfg.preprocessor.features, "feat_out": -1,
+        "n_layers": e.n_layers, "d_model": e.d_model, "use_bias": e.use_bias, "subsampling": "dw_striding",
+        "subsampling_factor": e.subsampling_factor, "subsampling_conv_channels": e.subsampling_conv_channels,
+        "causal_downsampling": False,
+        **({} if nest else {"reduction": None, "reduction_position": None, "reduction_factor": 1}),
+        "ff_expansion_factor": e.ff_expansion_factor, "self_attention_model": "rel_pos", "n_heads": e.n_heads,
+        "att_context_size": [-1, -1], **({"att_context_style": "regular"} if nest else {}),
+        "xscaling": e.xscaling, "untie_biases": True, "pos_emb_max_len": 5000, "conv_kernel_size": e.conv_kernel_size,
+        "conv_norm_type": e.conv_norm_type, "conv_context_size": None, "dropout": e.dropout,
+        "dropout_pre_encoder": e.dropout_pre_encoder, "dropout_emb": e.dropout_emb, "dropout_att": e.dropout_att,
+        "stochastic_depth_drop_prob": e.stochastic_depth_drop_prob, "stochastic_depth_mode": e.stochastic_depth_mode,
+        "stochastic_depth_start_layer": e.stochastic_depth_start_layer,
+        # -1 (never split) is left at NeMo's 1 (split past 2^31 elements): NeMo 3.0.0's subsampling fails with -1
+        # (it calls its masked convolutions without lengths). The split changes no number.
+        **_non_default({"subsampling_conv_chunking_factor": max(e.subsampling_conv_chunking_factor, 1)},
+                       {"subsampling_conv_chunking_factor": 1}),
+    }
+
+
+def nemo_optim_section(optim: dict, d_model: int) -> dict:
+    """Our optimizer settings (OptimConfig as a dict) as NeMo's AdamW + NoamAnnealing section."""
+    return {"name": "adamw", "lr": optim["lr"], "betas": list(optim["betas"]), "weight_decay": optim["weight_decay"],
+            "sched": {"name": "NoamAnnealing", "d_model": d_model, "warmup_steps": optim["warmup_steps"],
+                      "warmup_ratio": None, "min_lr": optim["min_lr"]}}
+
+
+def _nest_sections(cfg: ModelConfig) -> dict:
+    q, enc, post_conv = cfg.quantizer, cfg.encoder, cfg.mask_position == "post_conv"
+    if cfg.targets != "random_projection":
+        raise CheckpointError(f"model.targets={cfg.targets} cannot be exported to NeMo: its NEST model has no "
+                              f"k-means targets (export the encoder with --format hf, or fine-tune from ours)")
+    # post_conv: the config as NeMo's constructor rewrites it before saving (see model_config_from_nemo).
+    feat_in = enc.d_model if post_conv else cfg.preprocessor.features
+    combine = 1 if post_conv else enc.subsampling_factor
+    block_size = cfg.masking.block_size // enc.subsampling_factor if post_conv else cfg.masking.block_size
+    return {
+        "sample_rate": cfg.preprocessor.sample_rate, "num_classes": q.num_classes, "num_books": q.num_books,
+        "code_dim": q.code_dim, "squeeze_single": False, "mask_position": cfg.mask_position,
+        "preprocessor": _preprocessor_section(cfg.preprocessor),
+        "spec_augment": {"_target_": _MODULES + "SpectrogramAugmentation", "freq_masks": 0, "time_masks": 0,
+                         "freq_width": 27, "time_width": 0.05},
+        "masking": {"_target_": _MODULES + "RandomBlockMasking", "block_size": block_size,
+                    "mask_prob": cfg.masking.mask_prob, "feat_in": feat_in, "freeze": True, "allow_overlap": True,
+                    **_non_default({"max_mask_ratio": cfg.masking.max_mask_ratio}, {"max_mask_ratio": 0.8})},
+        "quantizer": {"_target_": _MODULES + "RandomProjectionVectorQuantizer", "feat_in": feat_in,
+                      "code_dim": q.code_dim, "num_books": q.num_books, "num_classes": q.num_classes,
+                      "dist_fn": q.dist_fn, "freeze": True, "squeeze_single": False, "combine_time_steps": combine},
+        "encoder": _encoder_section(cfg),
+        "decoder": {"_target_": _MODULES + "MultiSoftmaxDecoder", "feat_in": enc.d_model, "num_classes": q.num_classes,
+                    "num_decoders": q.num_books, "squeeze_single": False, "use_bias": cfg.decoder_use_bias},
+        "loss": {"_target_": _LOSSES + "MultiMLMLoss", "combine_time_steps": combine,
+                 "mask_threshold": cfg.mask_threshold, "num_decoders": q.num_books, "squeeze_single": False},
+    }
+
+
+# ContrastiveLoss's constructor defaults, for the keys NeMo's YAML leaves out.
+_CONTRASTIVE_DEFAULTS = {"prob_ppl_weight": 0.1, "logit_temp": 0.1, "reduce": "sum", "quantizer_temp_start": 2.0,
+                         "quantizer_temp_min": 0.5, "quantizer_temp_decay": 0.999995, "mask_threshold": 0.8,
+                         "multiplier": 16.0}
+
+
+def _w2vbert_sections(cfg: ModelConfig) -> dict:
+    w, d_model, factor = cfg.w2vbert, cfg.encoder.d_model, cfg.encoder.subsampling_factor
+    contrastive = {
+        "is_active": True,
+        "decoder": {"_target_": _MODULES + "ConvASRDecoderReconstruction", "feat_in": d_model,
+                    "feat_hidden": w.decoder_out, "feat_out": w.decoder_out, "stride_layers": 0, "non_stride_layers": 0},
+        "loss": {"_target_": _LOSSES + "ContrastiveLoss", "in_dim": cfg.preprocessor.features,
+                 "proj_dim": w.decoder_out, "combine_time_steps": factor, "quantized_targets": w.quantized_targets,
+                 "codebook_size": w.codebook_size, "num_groups": w.num_groups, "num_negatives": w.num_negatives,
+                 "sample_from_same_utterance_only": True, "sample_from_non_masked": False,
+                 **_non_default({k: getattr(w, k) for k in _CONTRASTIVE_DEFAULTS}, _CONTRASTIVE_DEFAULTS)},
+        **_non_default({"loss_alpha": w.contrastive_alpha}, {"loss_alpha": 1.0}),
+    }
+    losses = {"contrastive": contrastive}
+    if w.mlm:
+        losses["mlm"] = {
+            "is_active": True,
+            "decoder": {"_target_": _MODULES + "ConvASRDecoder", "feat_in": d_model,
+                        "num_classes": w.codebook_size**w.num_groups},
+            "loss": {"_target_": _LOSSES + "MLMLoss", "combine_time_steps": factor,
+                     **_non_default({"mask_threshold": w.mask_threshold}, {"mask_threshold": 0.8})},
+            "targets_from_loss": "contrastive", "loss_alpha": w.mlm_alpha, "transpose_encoded": False,
+            "start_step": w.mlm_start_step, "output_from_layer": None,
+        }
+    return {
+        "sample_rate": cfg.preprocessor.sample_rate, "preprocessor": _preprocessor_section(cfg.preprocessor),
+        "spec_augment": {"_target_": _MODULES + "MaskedPatchAugmentation", "freq_masks": w.freq_masks,
+                         "freq_width": w.freq_width, "patch_size": w.patch_size, "mask_patches": w.mask_patches},
+        "encoder": _encoder_section(cfg), "decoder_out": w.decoder_out, "loss_list": losses,
+    }
+
+
+def to_nemo_config(cfg: ModelConfig, optim: dict) -> dict:
+    """model_config.yaml of a .nemo: every section NeMo 3.0.0's class reads (no data sections), ``target`` last.
+
+    Raises CheckpointError naming the setting when NeMo cannot hold the model.
+    """
+    sections = _w2vbert_sections(cfg) if cfg.objective == "w2vbert" else _nest_sections(cfg)
+    return {**sections, "optim": nemo_optim_section(optim, cfg.encoder.d_model),
+            "target": NEMO_CLASSES[cfg.objective], "nemo_version": "3.0.0"}
+
+
+def nemo_filterbank(p: PreprocessorConfig) -> torch.Tensor:
+    """(1, features, n_fft // 2 + 1) the mel filterbank NeMo stores (librosa's Slaney filters, float32).
+
+    librosa rounds the triangles to float32 before scaling them; torchaudio's filters (ours) differ in the last
+    bit. A .nemo carries NeMo's own, so that a NeMo-made file exports back bit for bit.
+    """
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0  # the Slaney mel scale
+
+    def hz_to_mel(f):
+        return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep,
+                        f / f_sp)
+
+    def mel_to_hz(m):
+        return np.where(m >= min_log_hz / f_sp, min_log_hz * np.exp(logstep * (m - min_log_hz / f_sp)), f_sp * m)
+
+    freqs = np.fft.rfftfreq(n=p.n_fft, d=1.0 / p.sample_rate)
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(np.float64(0.0)), hz_to_mel(np.float64(p.sample_rate / 2)),
+                                  p.features + 2))
+    fdiff, ramps = np.diff(mel_f), np.subtract.outer(mel_f, freqs)
+    weights = np.zeros((p.features, len(freqs)), dtype=np.float32)
+    for i in range(p.features):
+        weights[i] = np.maximum(0, np.minimum(-ramps[i] / fdiff[i], ramps[i + 2] / fdiff[i + 1]))
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    return torch.from_numpy(weights)[None]
+
+
+def to_nemo_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our model's state dict under NeMo's names, in NeMo's module order, with the featurizer's buffers.
+
+    post_conv: NeMo wraps the subsampling and the mask embedding into the encoder and keeps a second reference
+    to the wrapper (``pre_encoder``): the same tensors under three names, as NeMo saves them.
+    """
+    p = cfg.preprocessor
+    out = {"preprocessor.featurizer.window": torch.hann_window(int(p.window_size * p.sample_rate), periodic=False),
+           "preprocessor.featurizer.fb": nemo_filterbank(p)}
+    if cfg.objective == "w2vbert":
+        ours = {v: k for k, v in W2VBERT_NEMO_PREFIXES.items()}
+        prefix = lambda key: next((q for q in ours if key.startswith(q)), None)  # noqa: E731
+        state = {ours[prefix(k)] + k[len(prefix(k)):] if prefix(k) else k: v for k, v in state.items()}
+    part = lambda prefix: {k: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    # NeMo's subsampling registers its output projection before the convolutions.
+    subsampling = dict(sorted(part("encoder.pre_encode.").items(), key=lambda kv: ".conv." in kv[0]))
+    if cfg.mask_position == "post_conv":
+        wrapped = {"pre_encode." + k[len("encoder.pre_encode."):]: v for k, v in subsampling.items()}
+        wrapped["masking.mask_embedding"] = state["mask_processor.mask_embedding"]
+        subsampling = {"encoder.pre_encode." + k: v for k, v in wrapped.items()}
+    out.update(subsampling)
+    out.update({k: v for k, v in part("encoder.").items() if not k.startswith("encoder.pre_encode.")})
+    for prefix in ("quantizer.", "mask_processor.", "decoder.", "decoder_losses."):
+        out.update(part(prefix))
+    if cfg.mask_position == "post_conv":
+        out.update({"pre_encoder." + k: v for k, v in wrapped.items()})
+    left = sorted(k for k in state if k not in out and not k.startswith("encoder.pre_encode."))
+    if left:
+        raise CheckpointError(f"tensors without a NeMo name: {', '.join(left)}")
+    return out
+    part = lambda prefix: {k: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    # NeMo's subsampling registers its output projection before the convolutions.
+    subsampling = dict(sorted(part("encoder.pre_encode.").items(), key=lambda kv: ".conv." in kv[0]))
+    if cfg.mask_position == "post_conv":
+        wrapped = {"pre_encode." + k[len("encoder.pre_encode."):]: v for k, v in subsampling.items()}
+        wrapped["masking.mask_embedding"] = state["mask_processor.mask_embedding"]
+        subsampling = {"encoder.pre_encode." + k: v for k, v in wrapped.items()}
+    out.update(subsampling)
+    out.update({k: v for k, v in part("encoder.").items() if not k.startswith("encoder.pre_encode.")})
+    for prefix in ("quantizer.", "mask_processor.", "decoder."):
+        out.update(part(prefix))
+    if cfg.mask_position == "post_conv":
+        out.update({"pre_encoder." + k: v for k, v in wrapped.items()})
+    return out
