@@ -51,8 +51,10 @@ def run_optim(ckpt: Path) -> dict:
     """The optimizer settings of a train.py checkpoint, else this project's defaults (NeMo's NEST recipe)."""
     optim = asdict(OptimConfig())
     if ckpt.suffix != ".nemo":
-        # Memory-mapped: only the small hyper-parameter entry is read, not the tensors a second time.
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: only the small hyper-parameter entry is read, not the tensors a second time
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file of torch's legacy format cannot be mapped
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         optim.update((saved.get("hyper_parameters") or {}).get("optim_config") or {})
     return optim
 
