@@ -65,7 +65,7 @@ def validate(cfg: RunConfig) -> None:
                    "model.encoder.stochastic_depth_drop_prob"], probability, "a probability in [0, 1]")
     _require(cfg, ["data.batch_duration", "data.max_duration", "data.val_batch_duration", "data.quadratic_duration",
                    "model.preprocessor.window_size", "model.preprocessor.window_stride", "optim.lr",
-                   "trainer.checkpoint_every_minutes"], positive, "> 0 (seconds, or a rate)")
+                   "trainer.checkpoint_every_minutes", "trainer.ddp_timeout_minutes"], positive, "> 0 (seconds, or a rate)")
     _require(cfg, ["data.min_duration", "data.read_timeout", "optim.weight_decay", "optim.min_lr",
                    "trainer.gradient_clip_val", "model.preprocessor.dither"], lambda v: v >= 0, ">= 0")
     _require(cfg, ["data.num_buckets", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",

@@ -58,7 +58,7 @@ class NestLightningModule(pl.LightningModule):
             self.model.compile_encoder()
 
     def on_train_start(self) -> None:
-        # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
+        # After the strategy's set-up, which may have converted BatchNorm layers to SyncedBatchNorm.
         opt, strategy = self.optimizers(), self.trainer.strategy
         no_sync = strategy.block_backward_sync if isinstance(strategy, ParallelStrategy) else None
         self.guard = GuardedStep(self.model, opt.optimizer, self.lr_schedulers(), self.step_cfg,

@@ -122,10 +122,13 @@ def test_resume_with_another_world_size_starts_the_next_epoch(tiny_corpus, tmp_p
 
 
 def test_no_host_sync_in_a_ddp_step_that_does_not_log(tiny_corpus, shar, tmp_path):
-    """Lightning's whole loop iteration (its SIGTERM broadcast, the step, DDP, callbacks), not only our step."""
+    """Lightning's whole loop iteration (its SIGTERM broadcast, the step, DDP, callbacks), not only our step, with
+    the synchronised BatchNorm (trainer.sync_batchnorm=true, the default) and our DDP options."""
     ddp_run(tmp_path / "t.jsonl", options(tiny_corpus, tmp_path / "exp", shar, **{
         "trainer.max_steps": 12, "trainer.log_every_n_steps": 5}), env={"NEST_TEST_SYNCS": "1"})
     recs = records(tmp_path / "t.jsonl")
     assert {r["rank"] for r in recs} == {0, 1} and sum(r["logging"] for r in recs) == 4  # steps 5 and 10, 2 ranks
+    assert all(r["synced_bn"] == 2 for r in recs)  # nest_tiny's 2 layers
+    assert all(r["ddp"] == {"broadcast_buffers": False, "gradient_as_bucket_view": True} for r in recs)
     quiet = [r for r in recs if not r["logging"] and r["step"] > 1]  # the first step builds the device state
     assert len(quiet) >= 16 and all(r["syncs"] == {} for r in quiet), [(r["step"], r["syncs"]) for r in quiet]
