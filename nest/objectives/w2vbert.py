@@ -204,7 +204,7 @@ class W2vBertModel(EncoderModel):
             V = self.cfg.w2vbert.codebook_size
             m["prob_ppl"] = out.prob_ppl.detach()
             m["codebook_perplexity"] = codebook_perplexity(out.codes, V, valid)
-            m["gumbel_temperature"] = torch.tensor(self.quantizer.curr_temp)
+            m["gumbel_temperature"] = torch.full((), self.quantizer.curr_temp, device=mask.device)  # no host copy
         if out.mlm_log_probs is not None:
             m["mlm_accuracy"] = ((out.mlm_log_probs.argmax(-1) == out.target_ids) & mask).sum() / n
         return m

@@ -1,6 +1,6 @@
 """Every use of Lightning's private API, each with why. Checked against pytorch-lightning 2.6.6; on an upgrade,
 read these against Lightning's source again (tests/training cover each: logging cadence, SIGTERM broadcast on
-logging steps, the step checkpoint's last step, the DDP options)."""
+logging steps, the loggers' step, the step checkpoint's last step, the DDP options)."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -35,6 +35,13 @@ def broadcast_sigterm_on_logging_steps(trainer: pl.Trainer, is_logging_step: Cal
 
     on_logging_steps.on_logging_steps = True
     loop._broadcast_sigterm_tensor = on_logging_steps
+
+
+def log_numbers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Python numbers to every logger, at the step Lightning's own logging would use for values logged in this
+    training step (``_LoggerConnector.log_metrics`` with no step: ``_batches_that_stepped``, with ``epoch``
+    added), without ``LightningModule.log``'s tensor per value and ``.item()`` per value."""
+    trainer._logger_connector.log_metrics(metrics)
 
 
 def last_step_saved(checkpoint: ModelCheckpoint) -> int:

@@ -132,3 +132,7 @@ def test_no_host_sync_in_a_ddp_step_that_does_not_log(tiny_corpus, shar, tmp_pat
     assert all(r["ddp"] == {"broadcast_buffers": False, "gradient_as_bucket_view": True} for r in recs)
     quiet = [r for r in recs if not r["logging"] and r["step"] > 1]  # the first step builds the device state
     assert len(quiet) >= 16 and all(r["syncs"] == {} for r in quiet), [(r["step"], r["syncs"]) for r in quiet]
+    # Logging steps: Lightning's SIGTERM flag, broadcast and read (lightning_private), and no read per logged number
+    # (the meters' one packed read, .tolist(), is not an op on CPU; on CUDA it is the one device-to-host copy).
+    logging = [r["syncs"] for r in recs if r["logging"]]
+    assert logging == [{"aten._local_scalar_dense.default": 1}] * 4, logging
