@@ -7,6 +7,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from nest.model.precision import exact_float32
 
 
 @dataclass
@@ -32,7 +33,8 @@ def lengths_to_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
 class MelFeatures(nn.Module):
     """Waveforms (B, T) at ``sample_rate`` -> normalized log-mel (B, features, frames), frame lengths.
 
-    Always computed in float32, also under autocast: the power spectrum overflows half precision.
+    Always computed in float32 (exact_float32: no autocast, no TF32): the power spectrum overflows half
+    precision, and the targets are computed from these features.
     """
 
     def __init__(self, cfg: PreprocessorConfig):
@@ -60,7 +62,7 @@ class MelFeatures(nn.Module):
         return torch.div(num_samples, self.hop_length, rounding_mode="floor").long()
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(audio.device.type, enabled=False), torch.no_grad():
+        with exact_float32(audio.device.type), torch.no_grad():
             return self._forward(audio.float(), audio_lens)
 
     def _forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

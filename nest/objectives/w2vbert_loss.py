@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nest.model.precision import autocast_off
+
 
 class GumbelVectorQuantizer(nn.Module):
     """Stacked feature steps (B, T', dim) -> quantized vectors (B, T', vq_dim), ids, diversity penalty.
@@ -43,7 +45,7 @@ class GumbelVectorQuantizer(nn.Module):
         (B, T', G; the Gumbel samples in training), diversity penalty (scalar, NeMo's quantize_prob_ppl)."""
         B, T, _ = x.shape
         G, V = self.groups, self.num_vars
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             logits = self.weight_proj(x.float()).view(B * T, G, V)
             codes = logits.argmax(-1)  # (B*T', G)
             # Over every step of the batch, padding included, as NeMo computes it.
@@ -139,7 +141,7 @@ def contrastive_logits(
     negatives identical to the positive.
     """
     B, T, K = negatives.shape
-    with torch.autocast(outputs.device.type, enabled=False):
+    with autocast_off(outputs.device.type):
         out = F.normalize(outputs.float(), dim=-1, eps=1e-8)
         tgt = F.normalize(targets.float(), dim=-1, eps=1e-8)
         sim = torch.bmm(out, tgt.transpose(1, 2)) / logit_temp  # (B, T' query, T' target)

@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nest.model.precision import autocast_off
+
 
 def _reduced_dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
@@ -108,7 +110,7 @@ class SyncedBatchNorm(_BatchNorm):
     # Its collectives are left out of compiled graphs (a graph break per layer when the encoder is compiled).
     @torch.compiler.disable
     def _synced(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             with torch.no_grad():
                 mean, var, count = global_stats(x.detach(), self.process_group)
                 if self.track_running_stats:
