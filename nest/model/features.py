@@ -55,7 +55,8 @@ class MelFeatures(nn.Module):
                 norm="slaney",
                 mel_scale="slaney",
             )  # (F, M)
-        self.register_buffer("fb", fb.T.contiguous(), persistent=False)  # (M, F)
+        # On the device the module is built on (the window's), the meta device included.
+        self.register_buffer("fb", fb.T.contiguous().to(self.window.device), persistent=False)  # (M, F)
 
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Valid frames for a number of samples (centered STFT, NeMo's get_seq_len)."""
