@@ -106,3 +106,27 @@ def test_conversion_keeps_the_parameters_and_buffers():
     reverted = revert_batchnorm(converted)
     assert [type(m) for m in reverted.modules()][2::2] == [nn.BatchNorm1d, nn.BatchNorm1d]
     assert {k: v.data_ptr() for k, v in reverted.state_dict().items()} == tensors
+
+
+def test_synced_layer_makes_no_cpu_tensor_on_fake_cuda_and_meta(monkeypatch):
+    """Forward under CUDA bf16 autocast on fake CUDA tensors, forward and backward on the meta device (the
+    autograd engine needs a real GPU for fake CUDA ones), the collectives stubbed as a world of 2 ranks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nest.training import sync_batchnorm
+    from tests.training.test_gpu_fake_cuda import CpuTensors, cuda_bf16_autocast
+
+    monkeypatch.setattr(sync_batchnorm.dist, "all_reduce", lambda t, group=None: t)
+    monkeypatch.setattr(SyncedBatchNorm, "_world", lambda self: 2)
+    bn, conv = convert_batchnorm(layer(0.1)), nn.Conv1d(C, C, 1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        bn, conv = bn.to("cuda"), conv.to("cuda")
+        x = torch.randn(4, C, T, device="cuda")
+        with CpuTensors() as cpu, cuda_bf16_autocast():
+            y = bn(conv(x))  # a bf16 input, as the conv modules give it
+    assert cpu.ops == [] and y.dtype == torch.bfloat16 and y.device.type == "cuda"
+    bn = convert_batchnorm(layer(0.1)).to("meta")
+    x = torch.empty(4, C, T, device="meta", requires_grad=True)
+    with CpuTensors() as cpu:
+        bn(x).sum().backward()
+    assert cpu.ops == [] and x.grad.device.type == "meta" and bn.weight.grad.device.type == "meta"
