@@ -10,8 +10,10 @@ from typing import Callable, Sequence
 
 from cuts.bins import MIN_CUTS_PER_BUCKET, bins_from_durations, manifest_durations, plot_bins
 from cuts.config import DataConfig
+from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
+from cuts.workers import Terminated, sigterm_raises
 
 
 def cmd_audio_dir(args) -> dict:
@@ -198,13 +200,18 @@ def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv=None, extra: Sequence[Callable] = ()) -> int:
-    """Run one command; errors about the input (ValueError, OSError, nothing usable) print one line, exit 1."""
+    """Run one command; errors about the input (ValueError, OSError, nothing usable, a busy output folder) print one
+    line and exit 1; SIGTERM and Ctrl-C stop it cleanly (temporary files and worker processes removed)."""
     args = parser(extra).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = args.func(args)
-    except (NothingUsable, OSError, ValueError) as e:
+        with sigterm_raises():
+            result = args.func(args)
+    except (NothingUsable, FolderBusy, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as e:
+        print(f"{args.command}: {e or 'interrupted'}; what it was writing is left as it was before", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     print(json.dumps(result, indent=1))
     return 0

@@ -30,13 +30,13 @@ class ManifestError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, Path], binary: bool = False) -> Iterator[IO]:
-    """Open ``path`` for writing through a temporary file in the same folder; on success the data is
-    flushed, fsynced and renamed over ``path``, on an exception the temporary file is removed.
-    A name ending in ``.gz`` is gzip-compressed."""
+def atomic_write(path: Union[str, Path], binary: bool = False, tmp_dir: Optional[Path] = None) -> Iterator[IO]:
+    """Open ``path`` for writing through a temporary file in the same folder (or in ``tmp_dir``, which must be on
+    the same file system); on success the data is flushed, fsynced and renamed over ``path``, on an exception the
+    temporary file is removed. A name ending in ``.gz`` is gzip-compressed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the permissions open() would
     raw = os.fdopen(fd, "wb")
     gz = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) \
@@ -74,9 +74,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_text(path: Union[str, Path], text: str) -> None:
+def write_text(path: Union[str, Path], text: str, tmp_dir: Optional[Path] = None) -> None:
     """``path.write_text(text)``, atomically."""
-    with atomic_write(path) as f:
+    with atomic_write(path, tmp_dir=tmp_dir) as f:
         f.write(text)
 
 

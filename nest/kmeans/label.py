@@ -8,7 +8,6 @@ import os
 import time
 import urllib.parse
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from cuts.io import atomic_write, sha256_file, write_text
 from cuts.prepare import DUPLICATE, UNREADABLE, Rejection, SetWriter, finish
+from cuts.workers import process_pool
 from nest.config.load import load_model_config, open_manifest
 from nest.errors import FeatureError
 from nest.kmeans.features import FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe
@@ -92,7 +92,7 @@ def map_cuts(fn: Callable, cuts: Iterable, jobs: int, init_args: tuple) -> Itera
         for chunk in chunked(cuts, CHUNK):
             yield from zip(chunk, fn(chunk))
         return
-    with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(*init_args, 1)) as pool:
+    with process_pool(jobs, _init_worker, (*init_args, 1)) as pool:
         window: deque = deque()
         for chunk in chunked(cuts, CHUNK):
             window.append((chunk, pool.submit(fn, chunk)))

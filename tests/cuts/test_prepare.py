@@ -190,3 +190,29 @@ def test_nothing_usable_leaves_the_previous_set_in_place(tmp_path):
     with pytest.raises(NothingUsable, match="left as it was"):
         prepare_audio_dir(tmp_path / "empty", tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_linked_folders_are_followed_once_and_what_is_skipped_is_counted(tmp_path):
+    outside = tmp_path / "elsewhere" / "more"
+    for path in (tmp_path / "src" / "a" / "1.wav", outside / "2.flac", outside / "deeper" / "3.wav"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, tone(1.0, 16000), 16000)
+    (tmp_path / "src" / "a" / "notes.txt").write_text("not audio")
+    (tmp_path / "src" / "linked").symlink_to(outside)  # a corpus assembled from links: every file is read
+    (tmp_path / "src" / "a" / "loop").symlink_to(tmp_path / "src")  # a loop: read once, no endless walk
+    (tmp_path / "src" / "again").symlink_to(tmp_path / "src" / "a")  # the same folder twice: read once
+    (tmp_path / "src" / "file_link.wav").symlink_to(outside / "2.flac")
+    (tmp_path / "src" / "broken.wav").symlink_to(tmp_path / "nowhere.wav")
+    summary = prepare_audio_dir(tmp_path / "src", tmp_path / "out")
+    ids = sorted(c.id for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"))
+    assert ids == ["a/1", "file_link", "linked/2", "linked/deeper/3"]
+    assert summary["rejected_by_reason"] == {"missing": 1}
+    assert summary["skipped"] == {"folders reached again through a link": 2, "files not audio (by extension)": 1}
+
+
+def test_an_empty_input_folder_creates_no_output_folder(tmp_path):
+    from cuts.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["audio-dir", str(tmp_path / "empty"), str(tmp_path / "new" / "out")]) == 1
+    assert not (tmp_path / "new").exists()
