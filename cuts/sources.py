@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cuts.io import ExternalShuffle, iter_jsonl
 from cuts.shar import write_shar_index
 from cuts.prepare import (
-    BAD_LINE, DURATION_TOLERANCE, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
+    BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
     check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
@@ -137,6 +137,9 @@ def add_segment(writer: SetWriter, rec, s: dict, channel: str, min_duration: flo
 
 
 def _check_group(rec: Recording, source: str, min_duration: float):
+    missing = [s.source for s in rec.sources if s.type == "file" and not os.path.isfile(s.source)]
+    if missing:
+        return Rejection(source, MISSING, "no such file" if missing == [source] else f"no such file: {missing[0]}")
     return check_recording(rec, source, min_duration)
 
 
@@ -147,6 +150,21 @@ def make_absolute(rec: Recording) -> Recording:
         if s.type == "file" and not os.path.isabs(s.source):
             s.source = str(Path(s.source).resolve())
     return rec
+
+
+def find_relative(rec: Recording, manifest_dir: Path) -> Optional[str]:
+    """Make ``rec``'s relative file sources absolute, in place: from the working folder, where lhotse reads them,
+    else from the manifest's folder; where neither holds the file, say so (None when all were found)."""
+    for s in rec.sources:
+        if s.type != "file" or os.path.isabs(s.source):
+            continue
+        tried = [Path(s.source).resolve(), (manifest_dir / s.source).resolve()]
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            return (f"relative path {s.source!r} found neither from the working folder ({tried[0]}) nor from the "
+                    f"manifest's folder ({tried[1]}): run from the folder the paths start at, or make them absolute")
+        s.source = str(found)
+    return None
 
 
 def write_validated(
@@ -185,13 +203,15 @@ def _recording_id(cut: Cut) -> Optional[tuple]:
 
 
 def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) -> Iterator[tuple[str, Cut]]:
-    """``(where, cut)`` per line of Lhotse CutSet or RecordingSet manifests; other lines are rejected."""
+    """``(where, cut)`` per line of Lhotse CutSet or RecordingSet manifests; other lines are rejected, and so are
+    cuts whose relative audio paths lead nowhere (see :func:`find_relative`)."""
     def bad(where: str, problem: str) -> None:
         writer.reject(Rejection(where, BAD_LINE, problem, where))
 
     for m in manifests:
         if not Path(m).is_file():
             raise FileNotFoundError(f"manifest {m} does not exist")
+        manifest_dir = Path(os.path.abspath(m)).parent
         for where, d in iter_jsonl(m, on_error=bad):
             try:
                 item = deserialize_item(d)
@@ -199,11 +219,16 @@ def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) ->
                 bad(where, f"not a Lhotse cut or recording ({_short(e)})")
                 continue
             if isinstance(item, Recording):
-                yield where, recording_to_cut(item, channel)
-            elif isinstance(item, Cut):
-                yield where, item
-            else:
+                item = recording_to_cut(item, channel)
+            elif not isinstance(item, Cut):
                 bad(where, f"a {type(item).__name__}, not a cut or recording")
+                continue
+            rec = getattr(item, "recording", None)
+            lost = None if rec is None else find_relative(rec, manifest_dir)
+            if lost:
+                writer.reject(Rejection(rec.sources[0].source, MISSING, lost, where))
+                continue
+            yield where, item
 
 
 def _short(e: Exception) -> str:

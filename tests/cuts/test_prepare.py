@@ -216,3 +216,33 @@ def test_an_empty_input_folder_creates_no_output_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["audio-dir", str(tmp_path / "empty"), str(tmp_path / "new" / "out")]) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_lhotse_manifest_relative_paths_and_missing_files(tmp_path, monkeypatch):
+    from lhotse import Recording, RecordingSet
+    from lhotse.audio import AudioSource
+
+    data = tmp_path / "corpus"
+    (data / "audio").mkdir(parents=True)
+    sf.write(data / "audio" / "u1.wav", tone(1.0, 16000), 16000)
+    sf.write(tmp_path / "u2.wav", tone(1.0, 16000), 16000)
+
+    def rec(rid, path):
+        return Recording(id=rid, sources=[AudioSource("file", [0], str(path))], sampling_rate=16000,
+                         num_samples=16000, duration=1.0)
+
+    RecordingSet.from_recordings([
+        rec("beside_manifest", "audio/u1.wav"),  # relative to the manifest's folder
+        rec("from_working_folder", "u2.wav"),  # relative to the working folder, as lhotse reads it
+        rec("nowhere", "audio/gone.wav"),
+        rec("absolute_gone", tmp_path / "gone.wav"),
+    ]).to_file(data / "recordings.jsonl.gz")
+    monkeypatch.chdir(tmp_path)
+    summary = prepare_lhotse_manifest([Path("corpus/recordings.jsonl.gz")], tmp_path / "out")
+    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz")}
+    assert cuts["beside_manifest"].recording.sources[0].source == str(data / "audio" / "u1.wav")
+    assert cuts["from_working_folder"].recording.sources[0].source == str(tmp_path / "u2.wav")
+    assert summary["rejected_by_reason"] == {"missing": 2}
+    reasons = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert "'audio/gone.wav' found neither from the working folder" in reasons["3"]
+    assert reasons["4"] == "missing: no such file"
