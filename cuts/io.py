@@ -18,7 +18,9 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, IO, Iterator, Optional, Union
+from typing import Any, Callable, IO, Iterator, Optional, Union
+
+import yaml
 
 GZIP_MAGIC = b"\x1f\x8b"
 _UMASK = os.umask(0o022)
@@ -113,8 +115,8 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
     and is skipped; without ``on_error`` it raises :class:`ManifestError`. A gzip file cut short is a
     :class:`ManifestError` naming the last line read."""
     n = 0
-    with _open_lines(path) as f:
-        try:
+    try:
+        with _open_lines(path) as f:
             # Binary lines split at b"\n" only (text mode would also split at U+2028 and others).
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -134,9 +136,30 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
                     raise ManifestError(f"{where}: {problem}; fix or delete that line")
                 else:
                     on_error(where, problem)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise ManifestError(f"{path}: unreadable after line {n} ({type(e).__name__}: {e}); "
-                                "the file is damaged or was cut short: write it again") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ManifestError(f"{path}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                            "the file is damaged or was cut short: write it again") from None
+
+
+def read_yaml(path: Union[str, Path], what: str, made_by: str) -> Any:
+    """The YAML document in ``path``; a file that is missing, not text or not YAML raises one line naming it (and
+    the line of a YAML error) and ``made_by``, the command that writes such a file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist; make it with {made_by}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder; give the YAML file {made_by} writes") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file; give the YAML file {made_by} writes") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{what} {path}{f':{mark.line + 1}' if mark else ''} is not valid YAML ({problem}); "
+                         f"fix it or make it again with {made_by}") from None
 
 
 def sha256_file(path: Union[str, Path]) -> str:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-import yaml
 from lhotse import CutSet
 from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
@@ -14,7 +14,7 @@ from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, F
 from cuts.bins import Bins
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
-from cuts.io import iter_jsonl
+from cuts.io import iter_jsonl, read_yaml
 from cuts.shar import is_shar, is_url, list_shards
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,14 @@ def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) ->
 
 def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
     """Bucket bounds and per-bucket batch sizes from ``prepare.py calibrate`` (batch_sizes.yaml)."""
-    d = yaml.safe_load(Path(path).read_text())
+    d = read_yaml(path, "batch sizes file", "`nest-prepare calibrate`")
     try:
         uppers = [float(u) for u in d["bucket_upper_duration"]]
         sizes = [int(b) for b in d["batch_sizes"]]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `nest-prepare calibrate`)") from None
-    if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1:
+    if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1 or \
+            not all(math.isfinite(u) for u in uppers):
         raise ValueError(f"{path}: one positive batch size per bucket, bounds increasing")
     return uppers, sizes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from lhotse.serialization import deserialize_item
 from tqdm import tqdm
 
 from cuts.io import ExternalShuffle, iter_jsonl
-from cuts.shar import write_shar_index
+from cuts.shar import is_url, write_shar_index
 from cuts.prepare import (
     BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
     check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
@@ -209,7 +210,7 @@ def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) ->
         writer.reject(Rejection(where, BAD_LINE, problem, where))
 
     for m in manifests:
-        if not Path(m).is_file():
+        if not is_url(str(m)) and not Path(m).is_file():
             raise FileNotFoundError(f"manifest {m} does not exist")
         manifest_dir = Path(os.path.abspath(m)).parent
         for where, d in iter_jsonl(m, on_error=bad):
@@ -218,17 +219,43 @@ def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) ->
             except Exception as e:
                 bad(where, f"not a Lhotse cut or recording ({_short(e)})")
                 continue
+            problem = malformed(item)
+            if problem:
+                bad(where, problem)
+                continue
             if isinstance(item, Recording):
                 item = recording_to_cut(item, channel)
-            elif not isinstance(item, Cut):
-                bad(where, f"a {type(item).__name__}, not a cut or recording")
-                continue
             rec = getattr(item, "recording", None)
             lost = None if rec is None else find_relative(rec, manifest_dir)
             if lost:
                 writer.reject(Rejection(rec.sources[0].source, MISSING, lost, where))
                 continue
             yield where, item
+
+
+def _number(x, low: float = 0.0) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= low
+
+
+def malformed(item) -> Optional[str]:
+    """What makes a deserialized manifest item unusable (lhotse accepts any value in most fields), or None."""
+    if not isinstance(item, (Cut, Recording)):
+        return f"a {type(item).__name__}, not a cut or recording"
+    if not isinstance(item.id, str) or not item.id:
+        return "its id is not a non-empty string"
+    if isinstance(item, Cut) and not (_number(item.duration) and _number(item.start)):
+        return f"cut {item.id!r}: start and duration must be numbers of seconds (not {item.start!r}, {item.duration!r})"
+    rec = item if isinstance(item, Recording) else getattr(item, "recording", None)
+    if rec is None:
+        return None
+    if not (isinstance(rec.sampling_rate, int) and not isinstance(rec.sampling_rate, bool) and rec.sampling_rate > 0
+            and isinstance(rec.num_samples, int) and _number(rec.num_samples) and _number(rec.duration)):
+        return f"recording {rec.id!r}: sampling_rate, num_samples and duration must be positive numbers"
+    if not isinstance(rec.sources, list) or not rec.sources or not all(
+            isinstance(getattr(src, "source", None), str) and isinstance(getattr(src, "type", None), str)
+            for src in rec.sources):
+        return f"recording {rec.id!r}: sources must be a list of audio sources (type, channels, source)"
+    return None
 
 
 def _short(e: Exception) -> str:
