@@ -40,12 +40,33 @@ def _missing_parents(folder: Path) -> list[Path]:
     return out
 
 
-def _remove_leftovers(folder: Path) -> None:
-    stale = [p for p in folder.iterdir() if p.name.startswith(RUN_PREFIX) or p.name in LEGACY_TMP]
+def _remove_leftovers(folder: Path, stale: list[Path]) -> None:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     if stale:
         log.info("%s: removed the temporary files of an interrupted run (%s)", folder, ", ".join(p.name for p in stale))
+
+
+@contextlib.contextmanager
+def _hold(lock_file: Path, what: Path) -> Iterator[None]:
+    """Hold ``lock_file``'s flock, with this process named in it; refuse at once, naming the holder."""
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise FolderBusy(f"{what} is being written by {owner}: wait for it to finish, or give another output folder") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} (`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`, "
+                     f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the flock
 
 
 @contextlib.contextmanager
@@ -57,37 +78,40 @@ def folder_lock(folder: Union[str, Path]) -> Iterator[Path]:
     created = _missing_parents(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder)
-    handle = None
-    if key not in _held:
-        handle = open(folder / LOCK, "a+")
+    with contextlib.ExitStack() as stack:
+        outermost = key not in _held
+        if outermost:
+            stack.enter_context(_hold(folder / LOCK, folder))
+            _remove_leftovers(folder, [p for p in folder.iterdir() if p.name.startswith(RUN_PREFIX) or p.name in LEGACY_TMP])
+            stack.callback(_held.pop, key)
+        _held[key] = _held.get(key, 0) + 1
+        tmp = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=folder))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise FolderBusy(f"{folder} is being written by {owner}: wait for it to finish, or give another output "
-                             "folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} (`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`, "
-                     f"since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
-        _remove_leftovers(folder)
-    _held[key] = _held.get(key, 0) + 1
-    tmp = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=folder))
-    try:
-        yield tmp
-    except BaseException:
-        if handle is not None and created and {p.name for p in folder.iterdir()} <= {LOCK, tmp.name}:
-            shutil.rmtree(folder, ignore_errors=True)
-            for parent in created[1:]:
-                with contextlib.suppress(OSError):
-                    parent.rmdir()  # only when empty
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _held[key] -= 1
-        if handle is not None:
-            del _held[key]
-            handle.close()  # releases the flock
+            yield tmp
+        except BaseException:
+            if outermost and created and {p.name for p in folder.iterdir()} <= {LOCK, tmp.name}:
+                shutil.rmtree(folder, ignore_errors=True)
+                for parent in created[1:]:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()  # only when empty
+            raise
+        finally:
+            _held[key] -= 1
+
+
+@contextlib.contextmanager
+def replace_lock(path: Union[str, Path]) -> Iterator[Path]:
+    """For an output that is replaced as a whole (a Shar folder): hold ``PARENT/.NAME.lock`` and give a new temporary
+    folder beside it (``.NAME.run-*``) to build in; what a run that died left there is removed first."""
+    path = Path(os.path.abspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _hold(path.parent / f".{path.name}{LOCK}", path):
+        legacy = {f".{path.name}.{x}" for x in ("tmp", "shuffle.tmp", "old")}  # the fixed names of earlier versions
+        _remove_leftovers(path.parent, [p for p in path.parent.iterdir()
+                                        if p.name.startswith(f".{path.name}{RUN_PREFIX}") or p.name in legacy])
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{RUN_PREFIX}", dir=path.parent))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

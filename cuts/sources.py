@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -21,14 +20,16 @@ from lhotse.serialization import deserialize_item
 from tqdm import tqdm
 
 from cuts.io import ExternalShuffle, iter_jsonl
+from cuts.lock import replace_lock
 from cuts.shar import is_url, write_shar_index
 from cuts.prepare import (
-    BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
-    check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
+    BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, NothingUsable, Rejection, SetWriter,
+    _error, add_windows, check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
 log = logging.getLogger(__name__)
 RECIPES = ("librispeech", "mini_librispeech", "musan")
+SHAR_STREAMS_HINT = 16  # streams of a common run (8 GPUs x 2 workers): fewer shards than this get a warning at export
 
 
 class NemoIds:
@@ -314,33 +315,47 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
     """``prepare.py shar``: a CutSet with its audio as FLAC in Lhotse Shar shards, in a seeded random
     order, and ``shar_index.json`` naming the shards (for URLs). The folder appears complete or not at all;
     a cut whose audio fails to load is reported and left out. Fields other than the audio (k-means
-    ``targets``) stay references to their files, which must be readable where training runs."""
+    ``targets``) stay references to their files, which must be readable where training runs. Training reads the
+    shards with world size x data.num_workers streams, one shard at least each: the result and a log line say how many
+    the export feeds."""
     from lhotse.cut.set import deserialize_cut
     from lhotse.shar import SharWriter
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shuffle = ExternalShuffle(tmp.with_name(f".{out_dir.name}.shuffle.tmp"), seed)
-    for _, d in iter_jsonl(cuts_path):
-        shuffle.add(str(d.get("id")), json.dumps(d))
-    failed: list[dict] = []
-    tmp.mkdir(parents=True)
-    with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
-        for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
-            cut = deserialize_cut(json.loads(line))
-            try:
-                writer.write(cut)
-            except Exception as e:  # the audio did not load: report, skip
-                log.warning("shar: cut %s left out: %s", cut.id, _short(e))
-                failed.append({"id": cut.id, "reason": _short(e)})
-        num_shards = len(writer.output_paths["cuts"])
-        write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by an interrupted run: os.replace needs the name free
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return {"out_dir": str(out_dir), "num_shards": num_shards, "num_cuts": shuffle.count - len(failed),
+    if shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size}: give at least 1 cut per shard")
+    with replace_lock(out_dir) as work:  # one export per out folder; its files in a folder of its own
+        tmp = work / "shar"
+        shuffle = ExternalShuffle(work / "shuffle", seed)
+        for _, d in iter_jsonl(cuts_path):
+            shuffle.add(str(d.get("id")), json.dumps(d))
+        failed: list[dict] = []
+        tmp.mkdir(parents=True)
+        with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
+            for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
+                cut = deserialize_cut(json.loads(line))
+                try:
+                    writer.write(cut)
+                except Exception as e:  # the audio did not load: report, skip
+                    log.warning("shar: cut %s left out: %s", cut.id, _error(e))
+                    failed.append({"id": cut.id, "reason": _error(e)})
+            num_shards = len(writer.output_paths["cuts"])
+            write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
+        if len(failed) == shuffle.count:
+            raise NothingUsable(f"no cut of {cuts_path} could be exported ({shuffle.count} cuts"
+                                f"{', e.g. ' + failed[0]['id'] + ': ' + failed[0]['reason'] if failed else ''}); "
+                                f"{out_dir} is left as it was")
+        if out_dir.exists():
+            os.replace(out_dir, work / "old")
+        os.replace(tmp, out_dir)
+    num_cuts = shuffle.count - len(failed)
+    hint = ""
+    if num_shards < SHAR_STREAMS_HINT:
+        hint = (f"; for {SHAR_STREAMS_HINT} streams (e.g. 8 GPUs x 2 workers) export with --shard-size "
+                f"{num_cuts // SHAR_STREAMS_HINT}" if num_cuts >= SHAR_STREAMS_HINT else
+                f"; its {num_cuts} cuts feed at most {num_cuts} streams, with --shard-size 1")
+    log.log(logging.WARNING if hint else logging.INFO, "%d shard(s) of up to %d cuts feed at most %d training "
+            "stream(s): world size x data.num_workers must stay <= %d%s", num_shards, shard_size, num_shards,
+            num_shards, hint)
+    return {"out_dir": str(out_dir), "num_shards": num_shards, "max_streams": num_shards, "num_cuts": num_cuts,
             "num_failed": len(failed), "failed": failed[:20]}

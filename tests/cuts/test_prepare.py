@@ -246,3 +246,27 @@ def test_lhotse_manifest_relative_paths_and_missing_files(tmp_path, monkeypatch)
     reasons = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
     assert "'audio/gone.wav' found neither from the working folder" in reasons["3"]
     assert reasons["4"] == "missing: no such file"
+
+
+def test_shar_export_says_how_many_streams_it_feeds_and_has_one_writer(tmp_path, caplog):
+    from cuts.lock import FolderBusy, replace_lock
+
+    good, _ = make_tree(tmp_path / "src")
+    prepare_audio_dir(tmp_path / "src", tmp_path / "set")
+    cuts = tmp_path / "set" / "cuts.jsonl.gz"
+    (tmp_path / ".shar.tmp").mkdir()  # left by an interrupted export of an earlier version
+    with caplog.at_level("INFO"):
+        one = export_shar(cuts, tmp_path / "shar")
+    assert one["num_shards"] == one["max_streams"] == 1 and one["num_cuts"] == len(good)
+    assert "feed at most 1 training stream(s)" in caplog.text and f"its {len(good)} cuts feed at most" in caplog.text
+    assert export_shar(cuts, tmp_path / "shar", shard_size=2)["max_streams"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".shar.lock"]
+    with replace_lock(tmp_path / "shar"):  # another export of the same folder is running
+        with pytest.raises(FolderBusy, match=r"shar is being written by pid \d+"):
+            export_shar(cuts, tmp_path / "shar")
+    before = sorted(p.name for p in (tmp_path / "shar").iterdir())
+    for source in (tmp_path / "src").rglob("*.*"):
+        source.unlink()  # the audio is gone: nothing can be exported
+    with pytest.raises(NothingUsable, match="no cut of .* could be exported.*left as it was"):
+        export_shar(cuts, tmp_path / "shar")
+    assert sorted(p.name for p in (tmp_path / "shar").iterdir()) == before
