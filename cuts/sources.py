@@ -327,28 +327,40 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
     with replace_lock(out_dir) as work:  # one export per out folder; its files in a folder of its own
         tmp = work / "shar"
         shuffle = ExternalShuffle(work / "shuffle", seed)
-        for _, d in iter_jsonl(cuts_path):
-            shuffle.add(str(d.get("id")), json.dumps(d))
         failed: list[dict] = []
+        for where, d in iter_jsonl(cuts_path, on_error=lambda where, problem: failed.append(
+                {"id": None, "where": where, "reason": f"{BAD_LINE}: {problem}"})):
+            shuffle.add(str(d.get("id")), json.dumps([where, d]))
         tmp.mkdir(parents=True)
+        written = 0
         with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
             for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
-                cut = deserialize_cut(json.loads(line))
+                where, d = json.loads(line)
+                try:
+                    cut = deserialize_cut(d)
+                except Exception as e:
+                    cut, problem = None, f"not a Lhotse cut ({_short(e)})"
+                else:
+                    problem = malformed(cut)
+                if problem:
+                    failed.append({"id": d.get("id"), "where": where, "reason": f"{BAD_LINE}: {problem}"})
+                    continue
                 try:
                     writer.write(cut)
+                    written += 1
                 except Exception as e:  # the audio did not load: report, skip
                     log.warning("shar: cut %s left out: %s", cut.id, _error(e))
-                    failed.append({"id": cut.id, "reason": _error(e)})
+                    failed.append({"id": cut.id, "where": where, "reason": _error(e)})
             num_shards = len(writer.output_paths["cuts"])
             write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
-        if len(failed) == shuffle.count:
-            raise NothingUsable(f"no cut of {cuts_path} could be exported ({shuffle.count} cuts"
-                                f"{', e.g. ' + failed[0]['id'] + ': ' + failed[0]['reason'] if failed else ''}); "
+        if not written:
+            raise NothingUsable(f"no cut of {cuts_path} could be exported ({len(failed)} lines"
+                                f"{', e.g. ' + failed[0]['where'] + ': ' + failed[0]['reason'] if failed else ''}); "
                                 f"{out_dir} is left as it was")
         if out_dir.exists():
             os.replace(out_dir, work / "old")
         os.replace(tmp, out_dir)
-    num_cuts = shuffle.count - len(failed)
+    num_cuts = written
     hint = ""
     if num_shards < SHAR_STREAMS_HINT:
         hint = (f"; for {SHAR_STREAMS_HINT} streams (e.g. 8 GPUs x 2 workers) export with --shard-size "

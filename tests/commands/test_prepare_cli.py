@@ -87,12 +87,24 @@ def check_outcome(rc: int, out: str, err: str, folder: Path) -> None:
         json.loads(out)
 
 
+@st.composite
+def nemo_manifest(draw) -> bytes:
+    """NeMo lines with odd paths, durations and offsets, and lines that are no NeMo entry at all."""
+    paths = st.sampled_from([str(AUDIO_DIR / "u1.wav"), "u1.wav", str(AUDIO_DIR / "gone.wav"), "", None, 5, [],
+                             str(AUDIO_DIR)])
+    entry = st.fixed_dictionaries({"audio_filepath": paths}, optional={"duration": ODD | st.floats(0, 3),
+                                                                      "offset": ODD | st.floats(0, 3), "text": ODD})
+    lines = draw(st.lists(st.one_of(entry.map(lambda d: json.dumps(d).encode()), broken_line()), max_size=6))
+    return b"\n".join(lines) + b"\n"
+
+
 COMMANDS = {
     "bins": lambda m, o: ["bins", m, "--out", o / "bins.yaml", "--no-plot", "--batch-duration", "4"],
     "report": lambda m, o: ["report", m, "--bins", o.parent / "good_bins.yaml", "--png", o / "r.png"],
     "split": lambda m, o: ["split", m, o / "split"],
     "manifest": lambda m, o: ["manifest", m, o / "set"],
     "shar": lambda m, o: ["shar", m, o / "shar"],
+    "kmeans": lambda m, o: ["kmeans", m, o / "km", "--clusters", "2", "--sample-fraction", "1"],
 }
 
 
@@ -113,6 +125,44 @@ def test_broken_manifests_end_in_a_result_or_one_line(command, data, gz):
             lines = [x for x in gzip.decompress(data).split(b"\n") if x.strip()] if data[:2] == b"\x1f\x8b" else \
                 [x for x in data.split(b"\n") if x.strip()]
             assert summary["num_cuts"] + summary["num_rejected"] >= len(lines)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=nemo_manifest())
+def test_broken_nemo_manifests_end_in_a_result_or_one_line(data):
+    good_cut_lines()  # the audio files the lines name
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "train.json").write_bytes(data)
+        rc, out, err = run("nemo-manifest", tmp / "train.json", tmp / "out")
+        check_outcome(rc, out, err, tmp)
+        if rc == 0:
+            summary = json.loads(out)
+            lines = [x for x in data.split(b"\n") if x.strip()]
+            assert summary["num_cuts"] + summary["num_rejected"] >= len(lines)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(st.tuples(st.sampled_from(["a.wav", "b/c.flac", "d.mp3", "e.ogg", "f.sph", "g.txt"]),
+                                st.one_of(st.binary(max_size=64), st.just(b"good"))), max_size=5))
+def test_broken_audio_folders_end_in_a_result_or_one_line(files):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "src").mkdir()
+        for name, content in files:
+            (tmp / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            if content == b"good" and name.endswith((".wav", ".flac")):
+                (tmp / "src" / name).write_bytes((AUDIO_DIR / "u0.wav").read_bytes())
+            else:
+                (tmp / "src" / name).write_bytes(content)
+        rc, out, err = run("audio-dir", tmp / "src", tmp / "out", "--jobs", "1")
+        check_outcome(rc, out, err, tmp)
+        audio = {n for n, _ in files if not n.endswith(".txt")}
+        if rc == 0:
+            summary = json.loads(out)
+            assert summary["num_cuts"] + summary["num_rejected"] == len(audio)
+        else:
+            assert not (tmp / "out").exists()
 
 
 def test_bins_follow_the_config_and_its_overrides(tmp_path, caplog):
