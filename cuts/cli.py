@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,6 +15,9 @@ from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
 from cuts.workers import Terminated, sigterm_raises
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def cmd_audio_dir(args) -> dict:
@@ -236,7 +240,13 @@ def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
 def main(argv=None, extra: Sequence[Callable] = ()) -> int:
     """Run one command; errors about the input (ValueError, OSError, nothing usable, a busy output folder) print one
     line and exit 1; SIGTERM and Ctrl-C stop it cleanly (temporary files and worker processes removed)."""
-    args = parser(extra).parse_args(argv)
+    ap = parser(extra)
+    args, unknown = ap.parse_known_args(argv)
+    # key=value anywhere on the line, as nest-train takes them (argparse binds positionals only where they start)
+    if unknown and isinstance(getattr(args, "overrides", None), list) and all(OVERRIDE.match(u) for u in unknown):
+        args.overrides += unknown
+    elif unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with sigterm_raises():

@@ -159,7 +159,7 @@ def plot_report(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for ax, key, title in zip(axes, ("hours", "batch_size", "padding"), ("hours per bucket", "batch size", "padding")):
         ax.bar(range(len(x)), [r[key] for r in rows], color="#4c72b0")
-        ax.set_xticks(range(len(x)), [f"{v:.0f}" for v in x], fontsize=7)
+        ax.set_xticks(range(len(x)), [f"{v:.1f}" for v in x], fontsize=7)
         ax.set_xlabel("bucket upper duration (s)")
         ax.set_title(title)
     fig.tight_layout()

@@ -174,8 +174,8 @@ def test_bins_follow_the_config_and_its_overrides(tmp_path, caplog):
     assert result["batch_duration"] == 3 and result["tiny"] and result["steps_per_epoch"] >= 1
     assert yaml.safe_load((tmp_path / "bins.yaml").read_text())["batch_duration"] == 3
     assert "the corpus is tiny for data.batch_duration=3 s" in caplog.text and (tmp_path / "bins.png").is_file()
-    rc, out, err = run("report", tmp_path / "cuts.jsonl.gz", f"data.bins={tmp_path / 'bins.yaml'}",
-                       "data.batch_duration=3", "data.min_duration=0.5")
+    rc, out, err = run("report", tmp_path / "cuts.jsonl.gz", f"data.bins={tmp_path / 'bins.yaml'}", "--seed", "0",
+                       "data.batch_duration=3", "data.min_duration=0.5")  # key=value anywhere, as nest-train takes them
     assert rc == 0, err
     assert json.loads(out)["steps_per_epoch"] == result["steps_per_epoch"]  # the same sampler, the same settings
     rc, _, err = run("bins", tmp_path / "cuts.jsonl.gz", "data.batch_duraton=3", "--out", tmp_path / "b.yaml")
