@@ -7,9 +7,17 @@ from nest.kmeans import add_parser as add_kmeans
 
 
 def _data_config(path, overrides):
-    from nest.config.load import load_config
+    import yaml
 
-    return load_config(path, overrides).data
+    from nest.config.load import load_config
+    from nest.errors import ConfigError
+
+    try:
+        return load_config(path, overrides).data
+    except yaml.YAMLError as e:  # OmegaConf lets the YAML parser's error through
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"--config {path}{f':{mark.line + 1}' if mark else ''} is not valid YAML "
+                          f"({getattr(e, 'problem', None) or e}): fix that line") from None
 
 
 def add_run_config(subparsers) -> None:
