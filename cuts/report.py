@@ -101,11 +101,13 @@ def training_bins(durations: np.ndarray, cfg: DataConfig, num_buckets: int, min_
                          f"{durations.max():.2f} s: change those settings, or prepare with --window")
     if len(kept) < len(durations):
         left = durations[(durations < cfg.min_duration) | (durations > cfg.max_duration)]
+        short = left[left < cfg.min_duration]
+        hints = ([f"set data.min_duration={max(0.1, math.floor(10 * short.min()) / 10):g} to keep the {len(short)} "
+                  "shorter ones"] if len(short) else []) + \
+            (["prepare with --window S to cut long recordings into windows it keeps"] if len(short) < len(left) else [])
         log.warning("%d of %d cuts (%.2f h) lie outside data.min_duration..data.max_duration (%g..%g s): training "
-                    "leaves them out, and so do the bins%s", len(left), len(durations), left.sum() / 3600,
-                    cfg.min_duration, cfg.max_duration,
-                    "; prepare with --window S to cut long recordings into windows it keeps"
-                    if (left > cfg.max_duration).any() else "")
+                    "leaves them out, and so do the bins; %s", len(left), len(durations), left.sum() / 3600,
+                    cfg.min_duration, cfg.max_duration, "; ".join(hints))
     B = cfg.batch_duration
     bins = bins_from_durations(kept, num_buckets, min_cuts_per_bucket, B, min_batches_per_bucket)
     total = float(kept.sum())
