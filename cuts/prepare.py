@@ -91,7 +91,11 @@ def find_audio(src: Path, skipped: Optional[Counter] = None) -> Iterator[tuple[P
     for root, dirs, files in os.walk(src, onerror=unreadable, followlinks=True):
         keep = []
         for d in sorted(dirs):
-            key = _folder_key(Path(root) / d)
+            try:
+                key = _folder_key(Path(root) / d)
+            except OSError as e:
+                unreadable(e)
+                continue
             if key in seen:
                 skipped["folders reached again through a link"] += 1
                 log.warning("%s: skipped, it leads to %s, which is read once already", Path(root) / d,
