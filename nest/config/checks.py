@@ -97,6 +97,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.encoder.conv_norm_type", enc.conv_norm_type, ("batch_norm", "layer_norm"))
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
+    _choice("model.quantizer.norm", cfg.model.quantizer.norm, ("none", "layer"))
     _choice("model.mask_position", cfg.model.mask_position, ("pre_conv", "post_conv"))
     if cfg.model.mask_position == "post_conv" and cfg.model.masking.block_size < enc.subsampling_factor:
         raise ConfigError(f"model.masking.block_size={cfg.model.masking.block_size} is under one subsampled frame "

@@ -18,12 +18,16 @@ class QuantizerConfig:
     num_books: int = 1  # codebooks, one softmax each
     code_dim: int = 16  # dimension of the projection and the codewords
     dist_fn: str = "l2"  # l2 | cosine
+    norm: str = "none"  # none (NeMo 3.0.0) | layer: LayerNorm (no affine) of each stacked input before the projection
 
 
 class RandomProjectionQuantizer(nn.Module):
     """Clean features (B, D, T) -> target tokens (B, T // combine, num_books).
 
-    ``combine`` consecutive frames are stacked so that one token covers one encoder frame.
+    ``combine`` consecutive frames are stacked so that one token covers one encoder frame. With
+    ``norm="layer"`` each stacked vector is standardised (LayerNorm without affine: the quantizer stays
+    frozen) before the projection, as NeMo's open pull request #15589 proposes, so that loud and quiet
+    frames spread over the codebook alike; ``"none"`` is NeMo 3.0.0's quantizer.
     Computed in float32 (exact_float32: no autocast, no TF32; distances in float64, as NeMo's float64 codebooks
     make them), so the targets never depend on the training precision. Distances are computed for
     ``chunk_elements`` (frame, codeword) pairs at a time, in place: their memory does not grow with the batch
@@ -49,6 +53,8 @@ class RandomProjectionQuantizer(nn.Module):
         n, d = self.cfg.num_books, self.cfg.code_dim
         with exact_float32(feats.device.type):
             x = feats.float().transpose(1, 2).reshape(B, T // self.combine, self.combine * D)
+            if self.cfg.norm == "layer":
+                x = F.layer_norm(x, x.shape[-1:])
             x = F.normalize(self.proj(x).view(*x.shape[:2], n, d), dim=-1)  # (B, T', N, d)
             codebooks = self.codebooks.double()
             # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, and |x|^2 does not change the argmin.

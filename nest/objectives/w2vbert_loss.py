@@ -23,15 +23,17 @@ class GumbelVectorQuantizer(nn.Module):
     NeMo's GumbelVectorQuantizer with ``combine_groups=True`` (one codebook of ``num_vars`` vectors of
     ``vq_dim / groups`` shared by the groups), ``time_first=True`` and a single projection layer. In
     training the codewords are Gumbel-softmax samples (hard, straight-through) at temperature
-    ``curr_temp``; in eval the argmax. Always computed in float32, also under autocast.
+    ``curr_temp``; in eval the argmax. Always computed in float32, also under autocast. ``weight_std`` (NeMo:
+    1.0) and ``norm`` (``"layer"``: a LayerNorm without affine on each input step; NeMo: ``"none"``) are ours.
     """
 
-    def __init__(self, dim: int, num_vars: int, groups: int, vq_dim: int, temp: tuple[float, float, float]):
+    def __init__(self, dim: int, num_vars: int, groups: int, vq_dim: int, temp: tuple[float, float, float],
+                 weight_std: float = 1.0, norm: str = "none"):
         super().__init__()
-        self.num_vars, self.groups = num_vars, groups
+        self.num_vars, self.groups, self.norm = num_vars, groups, norm
         self.vars = nn.Parameter(torch.empty(1, num_vars, vq_dim // groups).uniform_())  # (1, V, d)
         self.weight_proj = nn.Linear(dim, groups * num_vars)
-        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=weight_std)
         nn.init.zeros_(self.weight_proj.bias)
         self.max_temp, self.min_temp, self.temp_decay = temp
         self.curr_temp = self.max_temp
@@ -46,7 +48,8 @@ class GumbelVectorQuantizer(nn.Module):
         B, T, _ = x.shape
         G, V = self.groups, self.num_vars
         with autocast_off(x.device.type):
-            logits = self.weight_proj(x.float()).view(B * T, G, V)
+            x = F.layer_norm(x.float(), x.shape[-1:]) if self.norm == "layer" else x.float()
+            logits = self.weight_proj(x).view(B * T, G, V)
             codes = logits.argmax(-1)  # (B*T', G)
             # Over every step of the batch, padding included, as NeMo computes it.
             avg_probs = torch.softmax(logits, dim=-1).mean(dim=0)  # (G, V)
