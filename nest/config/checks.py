@@ -4,6 +4,7 @@ nest.training.preflight, the one package that imports Lightning.)"""
 from __future__ import annotations
 
 import math
+import os
 import typing
 from typing import Any, Callable, Iterable
 
@@ -115,6 +116,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.encoder.conv_kernel_size={enc.conv_kernel_size} must be odd")
     _choice("trainer.logger", t.logger, ("tensorboard", "wandb"))
     if cfg.resume not in (None, "", "auto") and not str(cfg.resume).endswith((".ckpt", ".pt")):
+        if os.path.isdir(str(cfg.resume)):
+            raise ConfigError(f"resume={cfg.resume!r} is a folder: continue the run it holds with resume=auto "
+                              f"exp_dir={cfg.resume}, or give the path of a .ckpt checkpoint")
         raise ConfigError(f"resume={cfg.resume!r}: give auto or the path of a .ckpt checkpoint")
     check_precision(t.precision)
     if str(t.strategy).startswith(REFUSED_STRATEGY):
