@@ -162,6 +162,24 @@ def read_yaml(path: Union[str, Path], what: str, made_by: str) -> Any:
                          f"fix it or make it again with {made_by}") from None
 
 
+def gzip_problem(path: Union[str, Path]) -> Optional[str]:
+    """Why the local gzip file ``path`` does not decompress to its end (cut short or damaged), in the words of
+    :func:`iter_jsonl`'s error; None when it does, or is not gzip. Reads the whole file, without parsing it."""
+    with open(path, "rb") as raw:
+        if raw.read(2) != GZIP_MAGIC:
+            return None
+        raw.seek(0)
+        lines = 0
+        try:
+            with gzip.open(raw, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    lines += block.count(b"\n")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            return (f"{path}: unreadable after line {lines} ({type(e).__name__}: {e}); the file is damaged or was cut "
+                    "short: write it again")
+    return None
+
+
 def sha256_file(path: Union[str, Path]) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

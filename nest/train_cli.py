@@ -10,6 +10,7 @@ import sys
 
 from nest.config import describe, load_config
 from nest.errors import ConfigError
+from nest.summary import summary_line
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; run again with resume=auto
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
             return 1
         raise
     print(json.dumps(summary, indent=1))
+    print(summary_line(summary))  # the line README quotes, as `python -m nest.summary` and the recipes end with
     if summary.get("stopped_by"):  # not finished: a recipe must not mark its training stage done
         print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: continue with resume=auto",
               file=sys.stderr)

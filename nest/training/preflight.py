@@ -60,8 +60,12 @@ def preflight(cfg: RunConfig) -> StartUp:
         if path:
             try:
                 load(path)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{key}: {e}") from None
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" is not valid YAML (line {mark.line + 1}: {e.problem})" if mark else ""
+                message = str(e).strip().splitlines()[0] if not where else f"{path}{where}"
+                raise ConfigError(f"{key}: {message}; give the file `nest-prepare "
+                                  f"{'bins' if key == 'data.bins' else 'calibrate'}` writes") from None
     if cfg.init_from:
         check_checkpoint_path("init_from", cfg.init_from)
     exp_dir = Path(cfg.exp_dir).resolve()

@@ -125,7 +125,7 @@ def test_bins_of_another_corpus_warn_with_numbers(tiny_corpus, tmp_path, caplog)
     cfg = tiny(tiny_corpus, tmp_path / "exp", **{"data.bins": tmp_path / "short_bins.yaml"})
     DataFeed(cfg.data, 16000, 0).preflight()
     warning = " ".join(r.getMessage() for r in caplog.records if "another corpus" in r.getMessage())
-    assert "longest duration 2.00 s" in warning and "prepare.py bins" in warning
+    assert "longest duration 2.00 s" in warning and "nest-prepare bins" in warning
 
 
 def test_new_run_into_used_exp_dir_is_refused(tiny_corpus, tmp_path):
