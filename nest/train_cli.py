@@ -16,6 +16,14 @@ from nest.summary import summary_line
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; run again with resume=auto
 
 
+def configure_logging() -> None:
+    """Our lines and Lightning's from INFO, other libraries' from WARNING: lhotse logs its audio backends at INFO on
+    the root logger ("Using audioread ...") whenever a file needs its fallback reader."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("nest", "cuts", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -25,7 +33,7 @@ def main(argv=None) -> int:
                                          "repository's configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=1000")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         from nest.training.run import RUN_ERRORS, train  # after the config is checked: importing Lightning takes seconds

@@ -156,6 +156,9 @@ def read_config_file(path: Path) -> DictConfig:
                           f"indented alike, one `key: value` a line") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except OmegaConfBaseException as e:  # YAML that OmegaConf cannot hold, e.g. a key that is not a name
+        raise ConfigError(f"config file {path} is not a configuration ({_first_line(e)}): one `key: value` a line, "
+                          f"under the sections data:, model:, optim:, trainer:") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} holds a YAML list, not a mapping of sections (data:, model:, optim:, "
                           f"trainer:)")

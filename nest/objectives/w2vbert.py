@@ -187,6 +187,9 @@ class W2vBertModel(EncoderModel):
                     decoder_out=decoder_out, logits=logits, target_ids=target_ids, codes=codes,
                     mlm_log_probs=mlm_log_probs, step_mask=step_mask)
 
+    def has_loss(self, out: W2vBertOutput) -> torch.Tensor:
+        return out.step_mask.any()
+
     @torch.no_grad()
     def metrics(self, out: W2vBertOutput) -> dict[str, torch.Tensor]:
         """Scalars for logging (computed on the device, no sync): loss parts, accuracies, codebook use."""

@@ -81,7 +81,9 @@ class NestLightningModule(pl.LightningModule):
         self.model.set_num_updates(self.global_step)  # w2vbert's Gumbel temperature follows the step
         done = self.guard(batch, self)
         self.last_loss = done.loss  # (device) read by tests' traces, never by the step
-        self.meters.add_batch(batch, self.model_cfg.preprocessor.sample_rate, done.loss, done.finite, done.weight,
+        # A batch with nothing masked has no loss (its 0 would read as a perfect step in the logged mean).
+        counted = done.finite & self.model.has_loss(done.out)
+        self.meters.add_batch(batch, self.model_cfg.preprocessor.sample_rate, done.loss, counted, done.weight,
                               done.oom_retries)
         # After the optimizer step: a checkpoint taken now resumes after this accumulation window.
         self.trainer.datamodule.batch_done(batch, window_end=done.window_end)

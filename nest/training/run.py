@@ -91,6 +91,19 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Validation metrics are reduced over ranks by the module itself (one all-reduce per round) before logging.
 warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val")
+# Lightning's own tree helper builds torch's deprecated LeafSpec on every batch (its business, not the user's).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                        module=r"pytorch_lightning\.utilities\._pytree")
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning advertises a cloud logging service at every Trainer (a 'Tip', not about this run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 class SyncBatchNormPlugin(LayerSync):
