@@ -188,3 +188,49 @@ def test_broken_manifests_train_or_stop_with_one_line(tmp_path, valid_lines):
         list(open_cuts(str(path), 0))  # what the sampler reads mid-run: bad lines and a cut-short tail are skipped
 
     run()
+
+
+@pytest.fixture(scope="module")
+def six_cuts(tmp_path_factory):
+    return corpus(tmp_path_factory.mktemp("six"), [1.5 + 0.4 * i for i in range(6)])
+
+
+NAN_EDGES = "bucket_upper_duration: [.nan]\nbatch_sizes: [2]\n"
+
+
+@pytest.mark.parametrize("key", ["data.bins", "data.bucket_batch_size"])
+def test_any_bins_file_given_to_train_works_or_is_one_line(tmp_path, six_cuts, key):
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 100), st.text(max_size=3),
+                       st.none())
+    docs = st.one_of(
+        st.fixed_dictionaries({"bucket_upper_duration": st.lists(number, max_size=4),
+                               "batch_sizes": st.lists(number, max_size=4)}).map(yaml.safe_dump),
+        st.fixed_dictionaries({"bucket_upper_duration": number}).map(yaml.safe_dump),
+        st.text(max_size=40), st.just("bucket_upper_duration: [1, 2\n"), st.just("- 1\n- 2\n"),
+        st.just(NAN_EDGES))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=docs)
+    def run(text):
+        path = tmp_path / "b.yaml"
+        path.write_text(text)
+        try:
+            preflight(data_cfg(six_cuts, tmp_path, **{key: path, "data.batch_duration": 10}))
+        except ConfigError as e:
+            assert "\n" not in str(e) and str(e).startswith(key), str(e)
+        else:
+            assert text != NAN_EDGES
+
+    run()
+
+
+def test_malformed_bins_yaml_is_one_line_naming_file_and_line(tmp_path, six_cuts):
+    (tmp_path / "bins.yaml").write_text("bucket_upper_duration: [1.5, 3\nnum_cuts: 6\n")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.train_cuts={six_cuts}", "data.bins=bins.yaml",
+                        "exp_dir=exp"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: data.bins: bins.yaml") and "not valid YAML" in r.stderr
