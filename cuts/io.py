@@ -162,11 +162,20 @@ def read_yaml(path: Union[str, Path], what: str, made_by: str) -> Any:
                          f"fix it or make it again with {made_by}") from None
 
 
-def gzip_problem(path: Union[str, Path]) -> Optional[str]:
-    """Why the local gzip file ``path`` does not decompress to its end (cut short or damaged), in the words of
-    :func:`iter_jsonl`'s error; None when it does, or is not gzip. Reads the whole file, without parsing it."""
+def cut_short(path: Union[str, Path]) -> Optional[str]:
+    """Why the local JSON-lines file ``path`` ends early, in the words of :func:`iter_jsonl`'s error, or None: a
+    gzip stream that does not decompress to its end (read whole, without parsing), or a plain file whose last line
+    breaks off (no newline and no JSON)."""
     with open(path, "rb") as raw:
         if raw.read(2) != GZIP_MAGIC:
+            size = raw.seek(0, os.SEEK_END)
+            raw.seek(max(0, size - (1 << 20)))
+            tail = raw.read()
+            last = tail.rsplit(b"\n", 1)[-1]
+            try:
+                json.loads(last) if last.strip() else None
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                return f"{path}: its last line breaks off ({last[:40]!r}...); the file was cut short: write it again"
             return None
         raw.seek(0)
         lines = 0

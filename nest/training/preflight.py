@@ -159,6 +159,11 @@ def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> No
     """A new run never writes into another run's folder; a resumed one keeps its model. A folder whose run
     stopped before its first checkpoint (config.yaml and tb/ only) holds nothing to continue: a new run starts
     there, its TensorBoard logs moved aside."""
+    existing = next(p for p in (exp_dir, *exp_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is a file" if existing == exp_dir else f"would be made in {existing}, which " + (
+            "is a file" if not existing.is_dir() else "is not writable")
+        raise ConfigError(f"exp_dir {exp_dir} {what}: give a folder this run can write")
     ckpts = exp_dir / "checkpoints"
     has_checkpoint = ckpts.is_dir() and any(ckpts.glob("*.ckpt"))
     if has_checkpoint and cfg.resume in (None, "", "none"):

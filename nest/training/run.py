@@ -202,9 +202,13 @@ def train(cfg: RunConfig) -> dict:
         initialize(module, cfg)
     trainer = build_trainer(cfg, exp_dir)
     if trainer.is_global_zero:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(exp_dir / "config.yaml") as f:
-            f.write(to_yaml(cfg))
+        try:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_write(exp_dir / "config.yaml") as f:
+                f.write(to_yaml(cfg))
+        except OSError as e:  # what the preflight's permission check cannot see (read-only mounts, /proc, quotas)
+            raise ConfigError(f"exp_dir {exp_dir}: cannot write there ({e.strerror or e}): give a folder this run "
+                              f"can write") from None
     try:
         trainer.fit(module, datamodule=NestDataModule(start.feed), ckpt_path=ckpt_path)
     except Exception as e:

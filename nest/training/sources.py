@@ -6,7 +6,7 @@ import json
 from itertools import islice
 from pathlib import Path
 
-from cuts.io import gzip_problem, iter_jsonl
+from cuts.io import cut_short, iter_jsonl
 from cuts.prepare import AUDIO_EXTENSIONS
 from cuts.sampler import open_cuts
 from cuts.shar import is_url
@@ -73,7 +73,7 @@ def check_sources(cfg: RunConfig) -> None:
                 hint = _hint(key, s)
                 if hint:
                     raise ConfigError(hint)
-                damage = gzip_problem(s) if Path(s).is_file() else None
+                damage = cut_short(s) if Path(s).is_file() and not s.endswith(".json") else None  # not a JSON array
                 if damage:  # training would stop reading it there, every epoch
                     raise ConfigError(f"{key}: {damage} (with the command that made it)")
             try:

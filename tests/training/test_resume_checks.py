@@ -80,3 +80,11 @@ def test_a_folder_whose_run_saved_no_checkpoint_is_taken_over(tmp_path, caplog):
     (exp / "checkpoints" / "step00000010.ckpt").write_bytes(b"x")
     with pytest.raises(ConfigError, match="already holds a run"):
         check_exp_dir(_cfg(tmp_path), exp, None)
+
+
+def test_an_exp_dir_that_cannot_be_a_folder(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"exp_dir .*afile is a file: give a folder"):
+        check_exp_dir(_cfg(tmp_path), tmp_path / "afile", None)
+    with pytest.raises(ConfigError, match=r"exp_dir .*afile/run would be made in .*afile, which is a file"):
+        check_exp_dir(_cfg(tmp_path), tmp_path / "afile" / "run", None)

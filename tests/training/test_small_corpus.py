@@ -234,3 +234,12 @@ def test_malformed_bins_yaml_is_one_line_naming_file_and_line(tmp_path, six_cuts
                         "exp_dir=exp"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: data.bins: bins.yaml") and "not valid YAML" in r.stderr
+
+
+def test_a_plain_manifest_cut_short_stops_start_up(tmp_path, six_cuts):
+    text = gzip.open(six_cuts, "rt").read()
+    (tmp_path / "cut.jsonl").write_text(text[: len(text) - 40])
+    with pytest.raises(ConfigError, match=r"cut.jsonl: its last line breaks off .* cut short"):
+        preflight(data_cfg(tmp_path / "cut.jsonl", tmp_path))
+    (tmp_path / "whole.jsonl").write_text(text.rstrip("\n"))  # a last line without its newline is whole
+    preflight(data_cfg(tmp_path / "whole.jsonl", tmp_path))
