@@ -12,8 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from lhotse import CutSet
 import yaml
+from lhotse import CutSet
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
