@@ -23,6 +23,9 @@ def safe_torch_load(source: Any, name: str, mmap: bool = False) -> Any:
     problem = torch_file_problem(source)
     if problem:
         raise CheckpointError(f"{name}: not a readable PyTorch checkpoint: {problem}")
+    if mmap and isinstance(source, (str, Path)):
+        with open(source, "rb") as f:
+            mmap = f.read(len(_LEGACY_MAGIC)) != _LEGACY_MAGIC  # torch maps only its zip format
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

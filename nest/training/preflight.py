@@ -143,9 +143,11 @@ def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
         if problem:
             steps = _step_checkpoints(folder)
             good = next((p for p in steps if _load_problem(p) is None), None)
-            offer = (f"the newest step checkpoint that loads is {good}: continue from it with resume={good}" if good
-                     else f"{'no step checkpoint of that folder loads either' if steps else 'that folder holds no step checkpoint'}: "
-                          f"start a new run in another exp_dir")
+            if good:
+                offer = f"the newest step checkpoint that loads is {good}: continue from it with resume={good}"
+            else:
+                none = "no step checkpoint of that folder loads either" if steps else "that folder holds no step checkpoint"
+                offer = f"{none}: start a new run in another exp_dir"
             raise ConfigError(f"resume=auto: {problem.removesuffix('.')}; {offer}")
         return str(last)
     check_checkpoint_path("resume", cfg.resume)

@@ -65,3 +65,10 @@ def test_pickled_objects_are_refused_as_code_and_named(tmp_path, good):
         safe_torch_load(path, str(path))
     assert safe_torch_load(io.BytesIO(good), "in memory")["hyper_parameters"] == {"a": [1, 2]}
     assert torch_file_problem(tmp_path) == "it is a folder"
+
+
+def test_legacy_format_loads_memory_mapped_or_not(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    assert torch_file_problem(path) is None
+    assert safe_torch_load(path, str(path), mmap=True)["w"].sum() == 3
