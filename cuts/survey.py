@@ -16,8 +16,6 @@ from cuts.sampler import duration_limits
 
 log = logging.getLogger(__name__)
 TINY_BATCHES = 10  # an epoch of fewer batches than this is a tiny corpus: the run says so
-WINDOW_HINT = ("prepare the set again with --window 30 (any `nest-prepare` set command: long recordings become 30 s "
-               "windows)")
 
 
 class DataSetupError(ValueError):
@@ -27,6 +25,14 @@ class DataSetupError(ValueError):
 def _hours(cuts: list) -> str:
     seconds = sum(c.duration for c in cuts)
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
+
+
+def _window_hint(hi: float, why: str) -> str:
+    """How to train on cuts longer than ``hi`` seconds (``why``: what sets that limit)."""
+    window = max(1, int(min(30.0, hi)))
+    hint = (f"prepare the set again with --window {window} (any `nest-prepare` set command: long recordings become "
+            f"{window} s windows)")
+    return hint + (", or raise data.batch_duration" if "batch_duration" in why else "")
 
 
 def kept_cuts(cuts: list, cfg: DataConfig, whole: bool) -> list:
@@ -43,7 +49,7 @@ def kept_cuts(cuts: list, cfg: DataConfig, whole: bool) -> list:
         parts.append(f"{len(short)} shorter than data.min_duration={lo:g} s ({_hours(short)})")
     if not parts:
         return kept
-    fix = WINDOW_HINT if long else "lower data.min_duration"
+    fix = _window_hint(hi, why) if long else "lower data.min_duration"
     of = f"the {len(cuts)} cuts" if whole else f"the first {len(cuts)} cuts"
     if not kept:
         raise DataSetupError(f"data.train_cuts: no cut is trained on, of {of}: {'; '.join(parts)}; {fix}")

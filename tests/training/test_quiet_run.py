@@ -27,11 +27,14 @@ def test_a_batch_with_nothing_masked_has_no_loss_to_log():
         model = build_model(load_config(ROOT / "configs" / config).model)
         audio = 0.1 * torch.randn(2, 16000)
         lens = torch.tensor([16000, 12000])
-        masked = model(audio, lens, audio, lens)
-        kw = {"frame_mask": torch.zeros_like(masked.frame_mask)}
-        if hasattr(masked, "freq_mask"):
-            kw["freq_mask"] = torch.zeros_like(masked.freq_mask)
+        drawn = model(audio, lens, audio, lens)
+        kw = {"frame_mask": torch.zeros_like(drawn.frame_mask)}
+        if hasattr(drawn, "freq_mask"):
+            kw["freq_mask"] = torch.zeros_like(drawn.freq_mask)
         bare = model(audio, lens, audio, lens, **kw)
+        kw["frame_mask"] = kw["frame_mask"].clone()
+        kw["frame_mask"][:, 8:48] = True  # one block of 40 frames, in both utterances
+        masked = model(audio, lens, audio, lens, **kw)
         assert bool(model.has_loss(masked)) and not bool(model.has_loss(bare)), config
     meters = RunMeters()
 

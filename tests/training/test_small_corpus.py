@@ -75,6 +75,7 @@ def test_a_cut_longer_than_a_batch_is_left_out_not_batched_alone(tmp_path, caplo
     feed.preflight()
     line = next(r.getMessage() for r in caplog.records if "never trained on" in r.getMessage())
     assert "1 longer than the 10 s one batch of data.batch_duration=10 s holds" in line
+    assert "--window 10" in line and "or raise data.batch_duration" in line
     assert all(c.duration <= 10 for b in epoch_batches(feed) for c in b)
     with pytest.raises(DataSetupError, match="one batch of data.batch_duration=1 s holds"):
         DataFeed(data_cfg(cuts, tmp_path, **{"data.batch_duration": 1}).data, 16000, 0).preflight()
