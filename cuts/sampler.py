@@ -14,7 +14,7 @@ from lhotse.qa import validate
 from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
 
-from cuts.bins import MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
+from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
 from cuts.io import ManifestError, iter_jsonl, read_yaml
@@ -91,9 +91,10 @@ def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
         sizes = [int(b) for b in d["batch_sizes"]]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `nest-prepare calibrate`)") from None
-    if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1 or \
-            not all(math.isfinite(u) for u in uppers):
-        raise ValueError(f"{path}: one positive batch size per bucket, bounds increasing")
+    if len(uppers) != len(sizes) or not sizes or min(sizes) < 1 or \
+            not all(math.isfinite(u) and u > 0 for u in uppers) or any(a >= b for a, b in zip(uppers, uppers[1:])):
+        raise ValueError(f"{path}: needs one positive batch size per bucket and bucket bounds in positive seconds, "
+                         f"strictly increasing; make it again with `nest-prepare calibrate`")
     return uppers, sizes
 
 
@@ -136,18 +137,21 @@ def duration_limits(cfg: DataConfig, train: bool = True) -> tuple[float, float, 
 
 def estimated_bins(cuts: Iterable, cfg: DataConfig, train: bool = True) -> tuple[Bins, str]:
     """Buckets for a run without data.bins, from the durations of the first cuts in the duration limits (as lhotse
-    estimates them, with cuts.bins's exact edges): at most data.num_buckets, fewer when the data is small, so that
-    each holds a few cuts and two batches. Returns the bins and, when they are fewer than asked, a note saying why."""
+    estimates them, with the exact edges of nest-prepare bins): at most data.num_buckets, fewer when the data is
+    small, so that each holds a few cuts and batches. Returns the bins and, when they are fewer than asked, a note
+    saying why."""
     lo, hi, _ = duration_limits(cfg, train)
     d = np.fromiter((c.duration for c in islice((c for c in cuts if lo <= c.duration <= hi), MAX_BIN_CUTS)), float)
     if not len(d):
         return Bins(upper=[hi], num_cuts=0, max_duration=hi), ""
     batch, key = _batch_duration(cfg, train)
-    k = max(1, min(cfg.num_buckets, len(d) // MIN_CUTS_PER_BUCKET, int(d.sum() // (2 * batch))))
-    bins = bins_from_durations(d, k)
+    # The number of buckets nest-prepare bins would make (asked for exactly, so that it has nothing to warn about).
+    k = max(1, min(cfg.num_buckets, len(d) // MIN_CUTS_PER_BUCKET, int(d.sum() // (MIN_BATCHES_PER_BUCKET * batch))))
+    bins = bins_from_durations(d, k, batch_duration=batch)
     note = "" if len(bins.upper) >= cfg.num_buckets else (
         f"{len(bins.upper)} duration bucket(s), not data.num_buckets={cfg.num_buckets}: {len(d)} cuts of "
-        f"{d.sum() / 60:.1f} min fill no more with {MIN_CUTS_PER_BUCKET} cuts and two batches of {key}={batch:g} s each")
+        f"{d.sum() / 60:.1f} min fill no more with {MIN_CUTS_PER_BUCKET} cuts and {MIN_BATCHES_PER_BUCKET} batches of "
+        f"{key}={batch:g} s each")
     return bins, note
 
 
@@ -170,10 +174,7 @@ def build_sampler(
         kwargs["duration_bins"] = uppers
     else:
         kwargs["max_duration"] = _batch_duration(cfg, train)[0]
-        bins = bins or estimated_bins(cuts, cfg, train)[0]
-        # One bucket: lhotse's bucketer would average an empty list of edges (numpy's "Mean of empty slice" on every
-        # epoch); an edge at its upper bound gives the same bucket, and a second one only for longer cuts.
-        kwargs["duration_bins"] = bins.duration_bins or bins.upper[-1:]
+        kwargs["duration_bins"] = (bins or estimated_bins(cuts, cfg, train)[0]).duration_bins
     return DynamicBucketingSampler(cuts, **kwargs)
 
 
