@@ -46,5 +46,5 @@ def test_a_batch_with_nothing_masked_has_no_loss_to_log():
             return 2
 
     meters.add_batch(Batch(), 16000, torch.tensor(0.0), torch.tensor(False), 1.0, 0)
-    report = meters.log(torch.device("cpu"), torch.zeros(()), torch.zeros(()), 1e-3)
+    report = meters.log(torch.device("cpu"), torch.zeros(()), torch.zeros(()), 1e-3, {}, 1.0)
     assert report.mean_loss is None and "train/loss" not in report.metrics
