@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, manifest_durations, plot_bins
 from cuts.config import DataConfig
+from cuts.io import one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
@@ -252,7 +253,7 @@ def main(argv=None, extra: Sequence[Callable] = ()) -> int:
         with sigterm_raises():
             result = args.func(args)
     except (NothingUsable, FolderBusy, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except (Terminated, KeyboardInterrupt) as e:
         print(f"{args.command}: {e or 'interrupted'}; what it was writing is left as it was before", file=sys.stderr)

@@ -108,6 +108,13 @@ class _Reader(io.RawIOBase):
         return len(data)
 
 
+def one_line(message: object) -> str:
+    """``message`` as one line of printable text: a character that is not printable (a line or record separator
+    from a user's file, a control code) is written as its escape, so that an error stays one line."""
+    text = str(message).strip()
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], None]] = None
                ) -> Iterator[tuple[str, dict]]:
     """``(where, object)`` per non-empty line of a JSON-lines file (plain or gzip, local or a URL), read

@@ -7,17 +7,9 @@ from nest.kmeans import add_parser as add_kmeans
 
 
 def _data_config(path, overrides):
-    import yaml
+    from nest.config.load import load_config  # torch and the models load only for the commands that need them
 
-    from nest.config.load import load_config
-    from nest.errors import ConfigError
-
-    try:
-        return load_config(path, overrides).data
-    except yaml.YAMLError as e:  # OmegaConf lets the YAML parser's error through
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"--config {path}{f':{mark.line + 1}' if mark else ''} is not valid YAML "
-                          f"({getattr(e, 'problem', None) or e}): fix that line") from None
+    return load_config(path, overrides).data  # a malformed file is a ConfigError naming it and the line
 
 
 def add_run_config(subparsers) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from cuts.io import one_line
 from nest.config import describe, load_config
 from nest.errors import ConfigError
 from nest.summary import summary_line
@@ -40,13 +41,13 @@ def main(argv=None) -> int:
 
         summary = train(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
         from nest.training.run import RUN_ERRORS
 
         if isinstance(e, RUN_ERRORS):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 1
         raise
     print(json.dumps(summary, indent=1))

@@ -18,6 +18,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from cuts.io import one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable
 from cuts.workers import Terminated, sigterm_raises
@@ -68,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with sigterm_raises():
             summary = cmd_kmeans(args)
     except (FeatureError, ConfigError, NothingUsable, FolderBusy, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except (Terminated, KeyboardInterrupt) as e:
         print(f"kmeans: {e or 'interrupted'}; its output folder is left as it was before", file=sys.stderr)

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from cuts.io import one_line
 from nest.errors import ProbeError
 from nest.config.load import open_manifest
 from nest.probe.features import CKPT_KINDS, features_for, read_labels
@@ -99,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_probe(args.ckpt, args.train, args.dev, args.label, args.layers, args.epochs, args.seed,
                            args.cache, args.out, args.batch_size, lr=args.lr, hidden=args.hidden, device=args.device)
     except ProbeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     result.pop("confusion")
     print(json.dumps(result))

@@ -182,7 +182,7 @@ def test_bins_follow_the_config_and_its_overrides(tmp_path, caplog):
     assert rc == 1 and "unknown config key 'data.batch_duraton'" in err and "Traceback" not in err
     (tmp_path / "bad.yaml").write_text("data:\n  batch_duration: [1\n")
     rc, _, err = run("bins", tmp_path / "cuts.jsonl.gz", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "b.yaml")
-    assert rc == 1 and f"--config {tmp_path / 'bad.yaml'}:3 is not valid YAML" in err and "Traceback" not in err
+    assert rc == 1 and f"config file {tmp_path / 'bad.yaml'} is not valid YAML at line 3" in err and "Traceback" not in err
 
 
 def test_report_names_a_malformed_bins_file(tmp_path):
