@@ -70,6 +70,8 @@ def _layout_problem(f, size: int) -> Optional[str]:
     f.seek(start)
     if head == _LEGACY_MAGIC:
         return None
+    if len(head) < 4 and (b"PK\x03\x04".startswith(head) or _LEGACY_MAGIC.startswith(head)):
+        return f"the file is cut short (its first {size} bytes only); it was not written to the end"
     if head[:4] != b"PK\x03\x04":
         return (f"its {size} bytes are not in torch.save's format (it is another kind of file, or damaged); give a "
                 f".ckpt written by nest-train or a NeMo .nemo file")

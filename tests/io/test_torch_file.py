@@ -43,6 +43,13 @@ def test_a_checkpoint_cut_short_anywhere_says_so(tmp_path, good, fraction):
     assert torch_file_problem(path)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_checkpoint_cut_within_its_first_bytes_is_cut_short(tmp_path, good, size):
+    (tmp_path / "last.ckpt").write_bytes(good[:size])
+    with pytest.raises(CheckpointError, match=r"last.ckpt: not a readable PyTorch checkpoint: the file is cut short"):
+        safe_torch_load(tmp_path / "last.ckpt", str(tmp_path / "last.ckpt"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_damaged_bytes_inside_a_checkpoint_load_or_say_why(tmp_path, good, seed):
