@@ -3,6 +3,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# `make test` draws the same examples on every run (a commit's result does not depend on luck);
+# HYPOTHESIS_PROFILE=explore draws new ones, to search for failures before committing.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("NEST_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
