@@ -28,6 +28,8 @@ from cuts.prepare import (
 
 log = logging.getLogger(__name__)
 RECIPES = ("librispeech", "mini_librispeech", "musan")
+# The audio formats of lhotse's Shar writer (lhotse.shar.writers.shar.resolve_writer); lossless first.
+SHAR_AUDIO_FORMATS = ("flac", "wav", "mp3", "opus")
 
 
 class NemoIds:
@@ -258,14 +260,19 @@ def prepare_recipe(
         return finish(writer, f"{corpus} at {corpus_dir}")
 
 
-def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: int = 0) -> dict:
-    """``prepare.py shar``: a CutSet with its audio as FLAC in Lhotse Shar shards, in a seeded random
-    order, and ``shar_index.json`` naming the shards (for URLs). The folder appears complete or not at all;
-    a cut whose audio fails to load is reported and left out. Fields other than the audio (k-means
-    ``targets``) stay references to their files, which must be readable where training runs."""
+def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: int = 0,
+                audio_format: str = "flac") -> dict:
+    """``prepare.py shar``: a CutSet with its audio in Lhotse Shar shards, in a seeded random order, and
+    ``shar_index.json`` naming the shards (for URLs). ``audio_format`` is any audio format of lhotse's Shar
+    writer (``SHAR_AUDIO_FORMATS``): flac (16-bit, about half the bytes of wav, decoded at a few thousand
+    audio-s/s a core) or wav (16-bit PCM, read almost for free; see BENCHMARKS.md). The folder appears
+    complete or not at all; a cut whose audio fails to load is reported and left out. Fields other than the
+    audio (k-means ``targets``) stay references to their files, which must be readable where training runs."""
     from lhotse.cut.set import deserialize_cut
     from lhotse.shar import SharWriter
 
+    if audio_format not in SHAR_AUDIO_FORMATS:
+        raise ValueError(f"--audio-format {audio_format!r}: use one of {', '.join(SHAR_AUDIO_FORMATS)}")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -274,7 +281,7 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
         shuffle.add(str(d.get("id")), json.dumps(d))
     failed: list[dict] = []
     tmp.mkdir(parents=True)
-    with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
+    with SharWriter(tmp, fields={"recording": audio_format}, shard_size=shard_size) as writer:
         for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
             cut = deserialize_cut(json.loads(line))
             try:
