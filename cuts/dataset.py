@@ -6,6 +6,7 @@ import ctypes
 import dataclasses
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, TypeVar
@@ -16,6 +17,7 @@ from lhotse import CutSet
 from lhotse.cut import Cut, MixedCut
 
 from cuts.audio import as_float, load_mono, new_tensor, read_rows
+from cuts.buffers import SharedBuffers, give_back
 from cuts.mixing import MixPlan, NoiseBank, mix_in_worker, mix_on_device, plan_batch
 from cuts.noise import NoiseMixer, load_batch_audio
 from cuts.targets import IGNORE, collate_targets, load_targets
@@ -47,6 +49,7 @@ class AudioNoiseBatch:
     index: int = 0
     worker: int = -1  # the stream (dataloader worker) that made it; -1 for the map-style path
     mix: Optional[MixPlan] = None  # interference still to be formed (data.mix_on_device), else None
+    buffers: tuple = ()  # the worker's shared buffers holding the tensors, handed back once copied (cuts/buffers.py)
 
     def __len__(self) -> int:
         return len(self.cut_ids)
@@ -61,10 +64,13 @@ class AudioNoiseBatch:
         return self.audio if self.noise is None else self.audio + self.noise
 
     def pin_memory(self) -> "AudioNoiseBatch":
-        """Called by the DataLoader with ``pin_memory=True``: page-locked tensors copy to CUDA asynchronously."""
-        return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), (torch.Tensor, MixPlan))})
+        """Called by the DataLoader with ``pin_memory=True``: page-locked tensors copy to CUDA asynchronously.
+        The worker's shared buffers go back to it: this batch is not read again."""
+        pinned = dataclasses.replace(
+            self, buffers=(), **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                 if isinstance(getattr(self, f.name), (torch.Tensor, MixPlan))})
+        give_back(self.buffers)
+        return pinned
 
     def prepared(self, bank: Optional[torch.Tensor] = None) -> "AudioNoiseBatch":
         """The batch as the model takes it, formed where its tensors are (on the accelerator after the
@@ -143,9 +149,10 @@ class TimedReader:
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:  # each dataloader worker starts its own thread
-        return {"timeout": self.timeout, "_pool": None}
+        return {"timeout": self.timeout, "_pool": None, "_pid": None}
 
     def __call__(self, cut: Cut) -> np.ndarray:
         return self.run(lambda: load_mono(cut), cut)
@@ -154,8 +161,8 @@ class TimedReader:
         """``fn()``, the read of ``cut``, under the watchdog."""
         if self.timeout <= 0:
             return fn()
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audio-read")
+        if self._pool is None or self._pid != os.getpid():  # a forked worker inherits no thread of its parent's
+            self._pool, self._pid = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audio-read"), os.getpid()
         future = self._pool.submit(fn)
         try:
             return future.result(self.timeout)
@@ -189,15 +196,16 @@ class NestDataset(torch.utils.data.Dataset):
     in ``AudioNoiseBatch.failed``. With ``mix_on_device`` the interference travels as a plan (``mix``),
     its noise pieces drawn from ``bank`` when given (the mixer then draws from the bank's cuts). With
     ``pcm16`` 16-bit sources travel as int16 (half the bytes); a worker that meets another kind of source
-    sends float32 from then on. Batches of both options are ``prepared`` where the model runs.
+    sends float32 from then on. Batches of both options are ``prepared`` where the model runs. With
+    ``buffers`` a worker reuses the shared memory of the batches the training process has pinned.
     """
 
     def __init__(self, sample_rate: int, mixer: Optional[NoiseMixer], seed: int, read_timeout: float = 0.0,
                  with_targets: bool = False, mix_on_device: bool = False, bank: Optional[NoiseBank] = None,
-                 pcm16: bool = False):
+                 pcm16: bool = False, buffers: Optional[SharedBuffers] = None):
         if bank is not None and not mix_on_device:
             raise ValueError("a noise bank lives on the device: it needs mix_on_device")
-        self.pcm16 = pcm16
+        self.pcm16, self.buffers = pcm16, buffers
         self.sample_rate = sample_rate
         self.mixer = mixer
         self.seed = seed
@@ -212,7 +220,7 @@ class NestDataset(torch.utils.data.Dataset):
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
             definition = self.mixer.cfg.snr_definition
         firsts = [_first(c) for c in cuts]
-        audio, errors = read_rows(firsts, self.read.run, self.pcm16)
+        audio, errors = read_rows(firsts, self.read.run, self.pcm16, self.buffers)
         self.pcm16 = audio.dtype == torch.int16 and self.pcm16  # float32 for good after a source that is not
         keep, failed, targets = [], [], []
         for i, (cut, error) in enumerate(zip(cuts, errors)):
@@ -226,12 +234,18 @@ class NestDataset(torch.utils.data.Dataset):
                 failed.append((cut.id, f"{type(e).__name__}: {e}"))
                 log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
         if not keep:  # one second of silence: every rank still takes its step
+            if self.buffers is not None:
+                self.buffers.unused(audio.untyped_storage())
             audio, lens = torch.zeros(1, self.sample_rate), torch.tensor([self.sample_rate])
         else:
             lens = torch.tensor([firsts[i].num_samples for i in keep], dtype=torch.int64)
             if len(keep) < len(cuts):  # rows of failed cuts (maybe still written by a stalled read) are left behind
                 S = int(lens.max())
-                audio = torch.index_select(audio[:, :S], 0, torch.tensor(keep), out=new_tensor((len(keep), S), audio.dtype))
+                kept = new_tensor((len(keep), S), audio.dtype, self.buffers)
+                torch.index_select(audio[:, :S], 0, torch.tensor(keep), out=kept)
+                if self.buffers is not None:
+                    self.buffers.unused(audio.untyped_storage())
+                audio = kept
         batch = AudioNoiseBatch(
             audio=audio, audio_lens=lens, cut_ids=[cuts[i].id for i in keep], failed=failed,
             audio_seconds=float(lens.sum()) / self.sample_rate if keep else 0.0,
@@ -244,7 +258,9 @@ class NestDataset(torch.utils.data.Dataset):
             if self.mix_on_device:
                 batch.mix = plan
             else:
-                batch.noise = mix_in_worker(audio, lens, plan, new_tensor(audio.shape))
+                batch.noise = mix_in_worker(audio, lens, plan, new_tensor(audio.shape, buffers=self.buffers))
         if self.with_targets:
             batch.targets = collate_targets(targets) if targets else torch.full((1, 1, 1), IGNORE)
+        if self.buffers is not None:
+            batch.buffers = self.buffers.sent()
         return batch

@@ -101,3 +101,25 @@ def test_resume_auto_takes_last_ckpt_not_lightnings_signal_handler_checkpoints(t
     (ckpts / "last.ckpt").write_bytes(b"x")
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"y")
     assert find_resume(cfg, tmp_path) == str(ckpts / "last.ckpt")
+
+
+def test_the_read_watchdog_works_in_a_worker_forked_after_the_parent_read(tiny_corpus):
+    # A forked process inherits the parent's thread pool object but not its thread: reads would wait forever.
+    import multiprocessing
+
+    cut = next(iter(CutSet.from_file(tiny_corpus["train"])))
+    reader = TimedReader(3.0)
+    reader(cut)  # the parent starts its watchdog thread
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.SimpleQueue()
+    child = ctx.Process(target=lambda: result.put(_length_or_error(reader, cut)))  # inherited, not pickled
+    child.start()
+    child.join(30)
+    assert result.get() == cut.num_samples
+
+
+def _length_or_error(reader, cut):
+    try:
+        return len(reader(cut))
+    except Exception as e:
+        return repr(e)
