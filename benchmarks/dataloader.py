@@ -22,10 +22,11 @@ times), the best of ``--rounds`` rounds in which all variants alternate:
   sends the decoded noise pieces and a plan (``data.mix_on_device=true``); ``bank``: noise drawn from a bank
   on the device (``data.noise_bank_seconds``), the worker decodes clean audio only; ``clean``: no noise.
   ``jsonl_mix_float32`` sends float32 instead of 16-bit PCM, ``jsonl_mix_no_watchdog`` reads without
-  ``data.read_timeout``'s thread.
+  ``data.read_timeout``'s thread, ``jsonl_bank_fresh_memory`` writes every batch into fresh shared memory
+  instead of the buffers the training process hands back (cuts/buffers.py).
 - ``in_worker``: the dataset's work measured in this process; ``dataloader``: one DataLoader worker process
-  (its CPU from batch 2 to the last), which adds handing each batch to the training process (the batch
-  tensors are written into fresh shared memory).
+  (its CPU from batch 2 to the last), which adds handing each batch to the training process; this process
+  hands the buffers back at once, as the pin-memory thread of a CUDA run does after its copy.
 - ``device_mix_cpu_s_per_audio_s``: ``AudioNoiseBatch.prepared`` (int16 -> float32, the plan's mixing) run
   on this CPU: what mixing on the device costs at most (an accelerator does it in a few kernels).
 
@@ -57,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.prepare import librispeech_like_durations  # noqa: E402
 from cuts.bins import Bins, estimate_bins  # noqa: E402
+from cuts.buffers import SharedBuffers, give_back  # noqa: E402
 from cuts.config import DataConfig, NoiseConfig  # noqa: E402
 from cuts.dataset import NestDataset, SamplerItem, keep_freed_memory, load_mono  # noqa: E402
 from cuts.mixing import NoiseBank  # noqa: E402
@@ -185,6 +187,7 @@ def cpu_per_audio_s(stamped, batches: int) -> float:
     for t, batch in stamped:
         stamps.append(t)
         seconds.append(batch.audio_seconds)
+        give_back(batch.buffers)  # as pin_memory does once it has copied the batch
         if len(stamps) == batches:
             break
     return (stamps[-1] - stamps[1]) / sum(seconds[1:-1])
@@ -215,10 +218,10 @@ def bench_loading(files: int, tmp: Path, batch_duration: float, rounds: int, aud
     items = [SamplerItem(cuts=b, index=i) for i, b in enumerate(build_sampler(data["flac"], cfg, train=True, seed=0))]
     noise, bank = data["noise"], NoiseBank(data["noise"])
 
-    def dataset(mode: str, pcm16: bool = True, timeout: float = 60.0) -> NestDataset:
+    def dataset(mode: str, pcm16: bool = True, timeout: float = 60.0, recycle: bool = True) -> NestDataset:
         mixer = None if mode == "clean" else NoiseMixer(NoiseConfig(), noise)
         return NestDataset(16000, mixer, seed=0, read_timeout=timeout, pcm16=pcm16, mix_on_device=mode != "mix",
-                           bank=bank if mode == "bank" else None)
+                           bank=bank if mode == "bank" else None, buffers=SharedBuffers(1) if recycle else None)
 
     def stream(fmt: str, mode: str) -> SharStream:
         return SharStream([data["shar"][fmt]], 0, 1, 1, 0, make_sampler=lambda c, seed: build_sampler(
@@ -228,6 +231,7 @@ def bench_loading(files: int, tmp: Path, batch_duration: float, rounds: int, aud
     sources = {f"jsonl_{m}": (dataset(m), items) for m in ("clean", "mix", "device", "bank")}
     sources["jsonl_mix_float32"] = (dataset("mix", pcm16=False), items)
     sources["jsonl_mix_no_watchdog"] = (dataset("mix", timeout=0.0), items)
+    sources["jsonl_bank_fresh_memory"] = (dataset("bank", recycle=False), items)
     sources.update({f"shar_{f}_{m}": (stream(f, m), None) for f in ("flac", "wav") for m in ("mix", "bank")})
     n = len(items)
     tasks = {"raw_flac": lambda: raw(list(data["flac"])), "raw_wav": lambda: raw(list(data["wav"]))}
@@ -239,7 +243,9 @@ def bench_loading(files: int, tmp: Path, batch_duration: float, rounds: int, aud
     best = {name: float("inf") for name in tasks}
     for _ in range(rounds):  # interleaved, best of rounds: the machine is shared
         for name, fn in tasks.items():
+            t0 = time.perf_counter()
             best[name] = min(best[name], fn())
+            print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     speed = {name: 1.0 / t for name, t in best.items()}
     flac = speed["raw_flac"]
     h200 = 0.40 * 989e12 / (gflop * 1e9)

@@ -18,6 +18,8 @@ from lhotse.audio.backend import CompositeAudioBackend, LibsndfileBackend, get_c
 from lhotse.cut import Cut, MonoCut
 from lhotse.utils import compute_num_samples
 
+from cuts.buffers import SharedBuffers
+
 # Subtypes whose float32 samples are exactly int16 / 32768 in libsndfile (its float normalisation).
 INT16_EXACT = frozenset({"PCM_16", "PCM_S8", "PCM_U8"})
 
@@ -86,11 +88,16 @@ class Direct:
             return f.read(self.frames, dtype=out.dtype.name, out=out[: self.frames]).shape[0] == self.frames
 
 
-def new_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised tensor; in a dataloader worker, in shared memory (no copy when it is sent)."""
+def new_tensor(shape: Sequence[int], dtype: torch.dtype = torch.float32,
+               buffers: Optional[SharedBuffers] = None) -> torch.Tensor:
+    """An uninitialised tensor; in a dataloader worker, in shared memory (no copy when it is sent), from the
+    worker's recycled ``buffers`` when given."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(*shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    storage = buffers.take(nbytes) if buffers is not None else None
+    if storage is None:
+        storage = torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
@@ -102,7 +109,8 @@ class NotPCM16(Exception):
     """A cut whose samples are not 16-bit PCM read as they are (a float32 batch is needed)."""
 
 
-def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False) -> tuple[torch.Tensor, list[Optional[Exception]]]:
+def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False, buffers: Optional[SharedBuffers] = None
+              ) -> tuple[torch.Tensor, list[Optional[Exception]]]:
     """(B, S) tensor of the cuts' samples, S the longest ``num_samples``, zeros after each cut; per cut, None
     or the Exception that its audio raised (its row is then zeros).
 
@@ -110,7 +118,7 @@ def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False) -> tuple[to
     over; float32 = int16 * PCM16_SCALE exactly, what soundfile would return); the first cut that is not
     turns it into float32."""
     S = max((c.num_samples for c in cuts), default=0)
-    out = new_tensor((len(cuts), S), torch.int16 if pcm16 else torch.float32)
+    out = new_tensor((len(cuts), S), torch.int16 if pcm16 else torch.float32, buffers)
     errors: list[Optional[Exception]] = []
     for i, cut in enumerate(cuts):
         try:
@@ -118,7 +126,7 @@ def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False) -> tuple[to
                 row = out[i].numpy()
                 n = run(lambda: _read_row(cut, row), cut)
             except NotPCM16:
-                out = _to_float(out, i)
+                out = _to_float(out, i, buffers)
                 row = out[i].numpy()
                 n = run(lambda: _read_row(cut, row), cut)
             row[n:] = 0
@@ -129,10 +137,12 @@ def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False) -> tuple[to
     return out, errors
 
 
-def _to_float(pcm: torch.Tensor, rows: int) -> torch.Tensor:
-    """float32 copy of a (B, S) int16 batch whose first ``rows`` rows are read."""
-    out = new_tensor(pcm.shape, torch.float32)
+def _to_float(pcm: torch.Tensor, rows: int, buffers: Optional[SharedBuffers]) -> torch.Tensor:
+    """float32 copy of a (B, S) int16 batch whose first ``rows`` rows are read (its buffer goes back)."""
+    out = new_tensor(pcm.shape, torch.float32, buffers)
     torch.mul(pcm[:rows], PCM16_SCALE, out=out[:rows])
+    if buffers is not None:
+        buffers.unused(pcm.untyped_storage())
     return out
 
 

@@ -150,3 +150,32 @@ def test_an_unreadable_shard_member_costs_that_cut_and_is_counted(tmp_path, requ
     batch = NestDataset(SR, None, seed=0, pcm16=True)[SamplerItem(cuts=CutSet(cuts))]
     assert batch.num_failed == 1 and len(batch.cut_ids) == len(speech) - 1
     assert batch.failed[0][0] == member.name.rsplit(".", 1)[0]
+
+
+def test_workers_reuse_only_the_shared_buffers_handed_back(tmp_path, request):
+    """Two workers write batches into recycled shared memory; a batch the training process still holds is
+    never overwritten, and buffers come back only through give_back (what pin_memory does after its copy)."""
+    from cuts.buffers import SharedBuffers, give_back
+
+    speech, noise = speech_and_noise(tmp_path, request)
+    items = [SamplerItem(cuts=CutSet(speech[i % 3 : i % 3 + 3]), index=i) for i in range(16)]
+    cfg = NoiseConfig(prob=1.0)
+    reference = NestDataset(SR, NoiseMixer(cfg, noise), seed=1, pcm16=True)
+    buffers = SharedBuffers(num_workers=2, keep=4)
+    ds = NestDataset(SR, NoiseMixer(cfg, noise), seed=1, pcm16=True, buffers=buffers)
+    loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, num_workers=2, prefetch_factor=2)
+    held, keys = [], []
+    for i, batch in enumerate(loader):
+        assert batch.audio.is_shared() and (not batch.buffers or batch.buffers[0] == buffers.token)
+        expected = reference[items[i]]
+        assert torch.equal(batch.audio, expected.audio)  # noise: equal up to the summation order of other threads
+        torch.testing.assert_close(batch.noise, expected.noise, rtol=1e-5, atol=1e-7)
+        keys += batch.buffers[2] if batch.buffers else []  # () when all its worker's buffers were out
+        if i < 3:
+            held.append((batch, expected))  # never handed back
+        else:
+            give_back(batch.buffers)
+    for batch, expected in held:
+        assert torch.equal(batch.audio, expected.audio)
+        torch.testing.assert_close(batch.noise, expected.noise, rtol=1e-5, atol=1e-7)
+    assert len(set(keys)) < len(keys)  # buffers were reused
