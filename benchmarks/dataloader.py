@@ -13,7 +13,8 @@ Loading: ``--files`` utterances of LibriSpeech-like durations (``speech``: real 
 16-bit, as FLAC files, the same audio as WAV files, and as Shar shards of each format (``nest-prepare shar
 --audio-format``); 20 noise files of 10 s (real noise, FLAC). Every figure is audio seconds per CPU second of
 the process doing the work, with one torch thread (a shared machine's load moves wall times, much less CPU
-times), the best of ``--rounds`` rounds in which all variants alternate:
+times). Each variant is timed right after the raw FLAC decode of the same audio, and its ratio to it is the
+median over ``--rounds`` rounds (``spread``: the median over variants of (max - min) / median of the rounds):
 
 - ``raw_flac``, ``raw_wav``: soundfile decoding each clean file whole into float32, nothing else (the limit).
 - ``jsonl*`` (JSON-lines manifest of FLAC files; batches made by the sampler beforehand, as the training
@@ -30,7 +31,7 @@ times), the best of ``--rounds`` rounds in which all variants alternate:
 - ``device_mix_cpu_s_per_audio_s``: ``AudioNoiseBatch.prepared`` (int16 -> float32, the plan's mixing) run
   on this CPU: what mixing on the device costs at most (an accelerator does it in a few kernels).
 
-``*_vs_raw_flac``: ratios to ``raw_flac`` measured in the same rounds. ``workers_per_gpu``: dataloader
+``*_vs_raw_flac``: ratios to ``raw_flac``. ``workers_per_gpu``: dataloader
 workers one H200 needs to feed NEST-L at 40% MFU (989 TFLOP/s bf16 dense, ``--gflop-per-audio-s`` for
 forward + backward), from each path's ``dataloader`` figure on this CPU.
 """
@@ -234,30 +235,34 @@ def bench_loading(files: int, tmp: Path, batch_duration: float, rounds: int, aud
     sources["jsonl_bank_fresh_memory"] = (dataset("bank", recycle=False), items)
     sources.update({f"shar_{f}_{m}": (stream(f, m), None) for f in ("flac", "wav") for m in ("mix", "bank")})
     n = len(items)
-    tasks = {"raw_flac": lambda: raw(list(data["flac"])), "raw_wav": lambda: raw(list(data["wav"]))}
+    tasks = {"raw_wav": lambda: raw(list(data["wav"]))}
     for name, (src, its) in sources.items():
         tasks[f"{name}/in_worker"] = lambda src=src, its=its: in_worker(src, its, n)
         tasks[f"{name}/dataloader"] = lambda src=src, its=its: through_dataloader(src, its, n)
     device_batches = [dataset("bank")[i] for i in items]
     tasks["device_mix"] = lambda: device_mix(device_batches, bank)
-    best = {name: float("inf") for name in tasks}
-    for _ in range(rounds):  # interleaved, best of rounds: the machine is shared
-        for name, fn in tasks.items():
-            t0 = time.perf_counter()
-            best[name] = min(best[name], fn())
-            print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    speed = {name: 1.0 / t for name, t in best.items()}
-    flac = speed["raw_flac"]
+    ratio: dict[str, list[float]] = {name: [] for name in tasks}
+    flac_speed = []
+    for _ in range(rounds):
+        for name, fn in tasks.items():  # each variant right after a raw decode: the pair sees the same load
+            t_raw = raw(list(data["flac"]))
+            t = fn()
+            flac_speed.append(1.0 / t_raw)
+            ratio[name].append(t_raw / t if name != "device_mix" else t)
+            print(f"{name}: {ratio[name][-1]:.3f}", file=sys.stderr)
+    med = {name: float(np.median(v)) for name, v in ratio.items()}
+    flac = float(np.median(flac_speed))
     h200 = 0.40 * 989e12 / (gflop * 1e9)
-    result = {"raw_flac_audio_s_per_cpu_s": round(flac, 1), "raw_wav_vs_raw_flac": round(speed["raw_wav"] / flac, 3)}
+    result = {"raw_flac_audio_s_per_cpu_s": round(flac, 1), "raw_wav_vs_raw_flac": round(med["raw_wav"], 3)}
     for name in sources:
-        result[f"{name}_vs_raw_flac"] = {w: round(speed[f"{name}/{w}"] / flac, 3) for w in ("in_worker", "dataloader")}
-    result["device_mix_cpu_s_per_audio_s"] = round(best["device_mix"], 6)
+        result[f"{name}_vs_raw_flac"] = {w: round(med[f"{name}/{w}"], 3) for w in ("in_worker", "dataloader")}
+    result["spread"] = round(float(np.median([np.ptp(v) / np.median(v) for v in ratio.values()])), 3)
+    result["device_mix_cpu_s_per_audio_s"] = round(med["device_mix"], 6)
     result["shar_bytes_per_audio_s"] = {f: round(b) for f, b in data["shar_bytes_per_audio_s"].items()}
     result["h200_audio_s_per_s_at_40pct_mfu"] = round(h200)
-    result["workers_per_gpu"] = {name: round(h200 / speed[f"{name}/dataloader"], 1) for name in sources}
+    result["workers_per_gpu"] = {name: round(h200 / (flac * med[f"{name}/dataloader"]), 1) for name in sources}
     result.update({"audio": audio, "files": files, "audio_seconds": round(sum(c.duration for c in data["flac"]), 1),
-                   "gflop_per_audio_s": gflop, "torch_threads": torch.get_num_threads()})
+                   "rounds": rounds, "gflop_per_audio_s": gflop, "torch_threads": torch.get_num_threads()})
     return result
 
 
@@ -275,7 +280,7 @@ def main() -> None:
     ap.add_argument("--cuts", type=int, default=50_000)
     ap.add_argument("--batch-duration", type=float, default=600.0)
     ap.add_argument("--files", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--audio", choices=["speech", "white"], default="speech" if (REAL / "speech").is_dir() else "white")
     ap.add_argument("--gflop-per-audio-s", type=float, default=10.8,
                     help="NEST-L forward + backward (torch's FlopCounterMode, 2 x 10 s utterances)")

@@ -33,19 +33,22 @@ def lhotse_mono(cut: Cut) -> np.ndarray:
     return audio.astype(np.float32, copy=False)
 
 
-def _libsndfile_reads_files() -> bool:
-    """Whether lhotse's current backend reads plain files with libsndfile (true unless a user chose another)."""
-    backend = get_current_audio_backend()
-    if isinstance(backend, LibsndfileBackend):
-        return True
-    return isinstance(backend, CompositeAudioBackend) and any(isinstance(b, LibsndfileBackend) for b in backend.backends)
+class _Backend:
+    """What lhotse's current audio backend does with plain files, worked out once per backend object."""
 
+    backend, straight, special = None, False, ()
 
-def _special_case(path: str) -> bool:
-    """A file lhotse hands to a dedicated backend (SPHERE through sph2pipe, legacy OPUS through ffmpeg)."""
-    backend = get_current_audio_backend()
-    backends = backend.backends if isinstance(backend, CompositeAudioBackend) else [backend]
-    return any(b.handles_special_case(path) for b in backends if not isinstance(b, LibsndfileBackend))
+    @classmethod
+    def check(cls) -> "type[_Backend]":
+        backend = get_current_audio_backend()
+        if backend is not cls.backend:
+            members = backend.backends if isinstance(backend, CompositeAudioBackend) else [backend]
+            # libsndfile reads plain files unless a user chose another backend; SPHERE (sph2pipe) and legacy
+            # OPUS (ffmpeg) go to dedicated backends, which lhotse asks first.
+            cls.straight = any(isinstance(b, LibsndfileBackend) for b in members)
+            cls.special = tuple(b for b in members if not isinstance(b, LibsndfileBackend))
+            cls.backend = backend
+        return cls
 
 
 class Direct:
@@ -57,19 +60,21 @@ class Direct:
         self.source, self.start, self.frames = source, start, frames
 
     @classmethod
-    def of(cls, cut: Cut) -> Optional["Direct"]:
-        """The cut's samples when soundfile reads them as lhotse would; None when lhotse must (see module doc)."""
+    def of(cls, cut: Cut, frames: Optional[int] = None) -> Optional["Direct"]:
+        """The cut's samples when soundfile reads them as lhotse would; None when lhotse must (see module doc).
+        ``frames``: the cut's ``num_samples`` when known (lhotse computes it anew on every call)."""
         if type(cut) is not MonoCut or cut.recording is None:
             return None
         rec = cut.recording
         if rec.transforms or len(rec.sources) != 1 or rec.has_video:
             return None
-        src = rec.sources[0]
-        if src.channels != [cut.channel] or src.type not in ("file", "memory") or not _libsndfile_reads_files():
+        src, backend = rec.sources[0], _Backend.check()
+        if src.channels != [cut.channel] or src.type not in ("file", "memory") or not backend.straight:
             return None
-        if src.type == "file" and _special_case(src.source):
+        if src.type == "file" and any(b.handles_special_case(src.source) for b in backend.special):
             return None
-        return cls(src.source, compute_num_samples(cut.start, rec.sampling_rate), cut.num_samples)
+        start = compute_num_samples(cut.start, rec.sampling_rate) if cut.start else 0
+        return cls(src.source, start, cut.num_samples if frames is None else frames)
 
     def open(self) -> sf.SoundFile:
         return sf.SoundFile(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
@@ -109,26 +114,26 @@ class NotPCM16(Exception):
     """A cut whose samples are not 16-bit PCM read as they are (a float32 batch is needed)."""
 
 
-def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False, buffers: Optional[SharedBuffers] = None
-              ) -> tuple[torch.Tensor, list[Optional[Exception]]]:
-    """(B, S) tensor of the cuts' samples, S the longest ``num_samples``, zeros after each cut; per cut, None
-    or the Exception that its audio raised (its row is then zeros).
+def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False, buffers: Optional[SharedBuffers] = None,
+              lengths: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, list[Optional[Exception]]]:
+    """(B, S) tensor of the cuts' samples, S the longest ``num_samples`` (``lengths``, when known), zeros after
+    each cut; per cut, None or the Exception that its audio raised (its row is then zeros).
 
     With ``pcm16`` the tensor is int16 while every cut is 16-bit PCM read straight (half the bytes to hand
     over; float32 = int16 * PCM16_SCALE exactly, what soundfile would return); the first cut that is not
     turns it into float32."""
-    S = max((c.num_samples for c in cuts), default=0)
-    out = new_tensor((len(cuts), S), torch.int16 if pcm16 else torch.float32, buffers)
+    lengths = [c.num_samples for c in cuts] if lengths is None else lengths
+    out = new_tensor((len(cuts), max(lengths, default=0)), torch.int16 if pcm16 else torch.float32, buffers)
     errors: list[Optional[Exception]] = []
-    for i, cut in enumerate(cuts):
+    for i, (cut, frames) in enumerate(zip(cuts, lengths)):
         try:
             try:
                 row = out[i].numpy()
-                n = run(lambda: _read_row(cut, row), cut)
+                n = run(lambda: _read_row(cut, row, frames), cut)
             except NotPCM16:
                 out = _to_float(out, i, buffers)
                 row = out[i].numpy()
-                n = run(lambda: _read_row(cut, row), cut)
+                n = run(lambda: _read_row(cut, row, frames), cut)
             row[n:] = 0
             errors.append(None)
         except Exception as e:  # reported by the caller, which drops the cut
@@ -151,8 +156,8 @@ def as_float(audio: torch.Tensor) -> torch.Tensor:
     return audio * PCM16_SCALE if audio.dtype == torch.int16 else audio
 
 
-def _read_row(cut: Cut, row: np.ndarray) -> int:
-    direct = Direct.of(cut)
+def _read_row(cut: Cut, row: np.ndarray, frames: int) -> int:
+    direct = Direct.of(cut, frames)
     if direct is not None and direct.read_into(row):
         return direct.frames
     if row.dtype == np.int16:

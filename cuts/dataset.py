@@ -220,7 +220,8 @@ class NestDataset(torch.utils.data.Dataset):
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
             definition = self.mixer.cfg.snr_definition
         firsts = [_first(c) for c in cuts]
-        audio, errors = read_rows(firsts, self.read.run, self.pcm16, self.buffers)
+        lengths = [c.num_samples for c in firsts]  # lhotse computes num_samples anew on every call
+        audio, errors = read_rows(firsts, self.read.run, self.pcm16, self.buffers, lengths)
         self.pcm16 = audio.dtype == torch.int16 and self.pcm16  # float32 for good after a source that is not
         keep, failed, targets = [], [], []
         for i, (cut, error) in enumerate(zip(cuts, errors)):
@@ -238,7 +239,7 @@ class NestDataset(torch.utils.data.Dataset):
                 self.buffers.unused(audio.untyped_storage())
             audio, lens = torch.zeros(1, self.sample_rate), torch.tensor([self.sample_rate])
         else:
-            lens = torch.tensor([firsts[i].num_samples for i in keep], dtype=torch.int64)
+            lens = torch.tensor([lengths[i] for i in keep], dtype=torch.int64)
             if len(keep) < len(cuts):  # rows of failed cuts (maybe still written by a stalled read) are left behind
                 S = int(lens.max())
                 kept = new_tensor((len(keep), S), audio.dtype, self.buffers)
