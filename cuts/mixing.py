@@ -35,15 +35,35 @@ ROW, PACKED, BANK = 0, 1, 2  # where a piece's samples are
 
 @dataclass
 class MixPlan:
-    """The interference of a batch of B utterances (S samples at most) as P pieces, ordered by source."""
+    """The interference of a batch of B utterances (S samples at most) as P pieces, ordered by source.
 
-    pieces: torch.Tensor  # (P, 5) int64: row, first sample in the row, length, source (ROW/PACKED/BANK), position
-    #   in the source (ROW: row * S + start in the flattened clean audio; PACKED, BANK: start in that tensor)
-    piece_snr: torch.Tensor  # (P,) float32 dB; nan: unscaled
-    row_snr: torch.Tensor  # (B,) float32 dB of each row's last piece (the nemo gain); nan: none
-    packed: torch.Tensor  # (N,) float32 samples of the PACKED pieces, back to back
+    One int64 tensor holds it all (every tensor a worker sends costs a shared-memory segment and a file
+    descriptor): B row SNRs, then P rows of (row, first sample in the row, length, source (ROW, PACKED or
+    BANK), position in the source, SNR); an SNR is a float32 in dB stored by its bits (nan: unscaled). The
+    position is, for ROW, ``row * S + start`` in the flattened clean audio; for PACKED and BANK, the start
+    in that tensor.
+    """
+
+    table: torch.Tensor  # (B + 6 P,) int64, as above
+    rows: int  # B
+    packed: Optional[torch.Tensor]  # (N,) float32 samples of the PACKED pieces, back to back; None: none
     counts: tuple[int, int, int]  # samples of the ROW, PACKED and BANK pieces (host ints: sizes without syncs)
     definition: str = "nemo"
+
+    @property
+    def pieces(self) -> torch.Tensor:
+        """(P, 5) int64: row, first sample, length, source, position."""
+        return self.table[self.rows :].view(-1, 6)[:, :5]
+
+    @property
+    def piece_snr(self) -> torch.Tensor:
+        """(P,) float32 dB."""
+        return _from_bits(self.table[self.rows :].view(-1, 6)[:, 5])
+
+    @property
+    def row_snr(self) -> torch.Tensor:
+        """(B,) float32 dB of each row's last piece (the nemo gain); nan: none."""
+        return _from_bits(self.table[: self.rows])
 
     def pin_memory(self) -> "MixPlan":
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
@@ -51,6 +71,14 @@ class MixPlan:
 
 
 Reader = Callable[[Cut], np.ndarray]
+
+
+def _bits(values: list[float]) -> list[int]:
+    return torch.tensor(values, dtype=torch.float32).view(torch.int32).tolist()
+
+
+def _from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
 
 
 class NoiseBank:
@@ -118,7 +146,7 @@ def plan_batch(cuts: Sequence[Cut], S: int, rows: dict[str, tuple[Cut, int]], re
     parts: list[list] = [[], [], []]
     packed: list[np.ndarray] = []
     packed_len = 0
-    row_snr = torch.full((len(cuts),), float("nan"))
+    row_snr = [float("nan")] * len(cuts)
     for r, cut in enumerate(cuts):
         if not isinstance(cut, MixedCut):
             continue
@@ -149,13 +177,12 @@ def plan_batch(cuts: Sequence[Cut], S: int, rows: dict[str, tuple[Cut, int]], re
             parts[entry[3]].append((entry, snr))
             row_snr[r] = snr
     ordered = parts[ROW] + parts[PACKED] + parts[BANK]
-    pieces = torch.tensor([e for e, _ in ordered], dtype=torch.int64).reshape(-1, 5)
+    snr_bits = _bits([s for _, s in ordered])
+    table = _bits(row_snr) + [v for (e, _), b in zip(ordered, snr_bits) for v in (*e, b)]
     counts = tuple(sum(e[2] for e, _ in part) for part in parts)
-    return MixPlan(
-        pieces=pieces, piece_snr=torch.tensor([s for _, s in ordered], dtype=torch.float32), row_snr=row_snr,
-        packed=torch.from_numpy(np.concatenate(packed)) if packed else torch.zeros(0), counts=counts,
-        definition=definition,
-    )
+    return MixPlan(table=torch.tensor(table, dtype=torch.int64), rows=len(cuts),
+                   packed=torch.from_numpy(np.concatenate(packed)) if packed else None, counts=counts,
+                   definition=definition)
 
 
 def _segment_scale(clean_energy: float, n: int, snr: float, added: float, length: int) -> float:
@@ -203,12 +230,14 @@ def mix_on_device(audio: torch.Tensor, audio_lens: torch.Tensor, plan: MixPlan,
     P, total = plan.pieces.shape[0], sum(plan.counts)
     if P == 0:
         return noise.view(B, S)
-    rows, dest, length, _, src = plan.pieces.unbind(1)
+    rows, dest, length, _, src = plan.pieces.unbind(1)  # views of the plan's one tensor
     piece = torch.repeat_interleave(torch.arange(P, device=audio.device), length, output_size=total)
     within = torch.arange(total, device=audio.device) - (torch.cumsum(length, 0) - length)[piece]
     at = src[piece] + within
     a, b, _ = plan.counts
-    sources = [audio.reshape(-1)[at[:a]], plan.packed[at[a : a + b]]]
+    sources = [audio.reshape(-1)[at[:a]]]
+    if b:
+        sources.append(plan.packed[at[a : a + b]])
     if plan.counts[BANK]:
         if bank is None:
             raise ValueError("the plan draws on a noise bank, and none was given")
