@@ -4,14 +4,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cuts.bins import MIN_CUTS_PER_BUCKET, bins_from_durations, manifest_durations, plot_bins
+from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, manifest_durations, plot_bins
 from cuts.config import DataConfig
+from cuts.io import one_line
+from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, SHAR_AUDIO_FORMATS, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
+from cuts.workers import Terminated, sigterm_raises
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def cmd_audio_dir(args) -> dict:
@@ -75,16 +82,34 @@ def cut_durations(source: str):
     return manifest_durations(Path(source))
 
 
+def data_settings(args) -> DataConfig:
+    """The data section training runs with: the defaults, or --config with key=value (where nest-prepare adds
+    them), then the command's own flags given."""
+    if getattr(args, "config", None) or getattr(args, "overrides", None):
+        cfg = args.read_data_config(args.config, args.overrides)
+    else:
+        cfg = DataConfig()
+    for name in ("batch_duration", "min_duration", "max_duration"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if getattr(args, "no_drop_last", False):
+        cfg.drop_last = False
+    return cfg
+
+
 def cmd_report(args) -> dict:
     from cuts.report import bucket_report, format_table, load_uppers_and_sizes, plot_report
 
-    uppers, sizes = load_uppers_and_sizes(args.bins, args.batch_sizes)
+    cfg = data_settings(args)
+    sizes_path = args.batch_sizes or (None if args.bins else cfg.bucket_batch_size)
+    bins_path = args.bins or cfg.bins
+    uppers, sizes = load_uppers_and_sizes(bins_path, sizes_path)
     durations = cut_durations(args.cuts)
-    rows = bucket_report(durations, uppers, sizes, args.batch_duration, args.seed, world_size=args.world_size,
-                         drop_last=not args.no_drop_last, min_duration=args.min_duration,
-                         max_duration=args.max_duration)
+    rows = bucket_report(durations, uppers, sizes, cfg.batch_duration, args.seed, world_size=args.world_size,
+                         drop_last=cfg.drop_last, min_duration=cfg.min_duration, max_duration=cfg.max_duration,
+                         quadratic_duration=cfg.quadratic_duration)
     print(format_table(rows, args.world_size), file=sys.stderr)
-    png = Path(args.png or Path(args.batch_sizes or args.bins).with_suffix(".report.png"))
+    png = Path(args.png or Path(sizes_path or bins_path).with_suffix(".report.png"))
     plot_report(rows, png)
     used = sum(r["cuts"] for r in rows)
     return {"png": str(png), "steps_per_epoch": sum(r["steps_per_epoch"] for r in rows), "world_size": args.world_size,
@@ -93,14 +118,19 @@ def cmd_report(args) -> dict:
 
 
 def cmd_bins(args) -> dict:
+    from cuts.report import training_bins
+
     durations = cut_durations(args.cuts)
-    bins = bins_from_durations(durations, args.buckets, args.min_cuts_per_bucket)
+    if not len(durations):
+        raise ValueError(f"{args.cuts} holds no cuts: prepare a set first (prepare.py audio-dir ...)")
+    bins, info = training_bins(durations, data_settings(args), args.buckets, args.min_cuts_per_bucket,
+                               args.min_batches_per_bucket, args.seed)
     out = Path(args.out)
     bins.save(out)
     if not args.no_plot:
         plot_bins(durations, bins, out.with_suffix(".png"))
-    return {"num_buckets": len(bins.upper), "asked": args.buckets, "num_cuts": bins.num_cuts,
-            "max_duration": bins.max_duration, "bins": str(out)}
+    return {**info, "asked": args.buckets, "max_duration": bins.max_duration, "bins": str(out),
+            "png": None if args.no_plot else str(out.with_suffix(".png"))}
 
 
 def cmd_synth(args) -> dict:
@@ -168,23 +198,34 @@ def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
                    help="share of recordings for dev (at least 1, at most half; train keeps the rest)")
     p.add_argument("--seed", type=int, default=0, help="of the choice of dev recordings")
     p.set_defaults(func=cmd_split)
-    p = sub.add_parser("bins", help="duration bins for bucketing (bins.yaml and a histogram PNG)")
+    p = sub.add_parser("bins", help="duration buckets for the training sampler (bins.yaml and a histogram PNG)",
+                       description="Duration buckets of the cuts training keeps, each holding several batches of "
+                       "data.batch_duration: the settings come from --config and key=value (as given to nest-train), "
+                       "else the defaults, and the flags below override them.")
     p.add_argument("cuts", help="CutSet manifest or Shar folder")
     p.add_argument("--buckets", type=int, default=30, help="at most this many buckets")
     p.add_argument("--min-cuts-per-bucket", type=int, default=MIN_CUTS_PER_BUCKET,
                    help="fewer buckets when the data cannot give each this many cuts")
+    p.add_argument("--min-batches-per-bucket", type=float, default=MIN_BATCHES_PER_BUCKET,
+                   help="fewer buckets when the data cannot give each this many batches of audio")
+    p.add_argument("--batch-duration", type=float, default=None, help="data.batch_duration (s)")
+    p.add_argument("--min-duration", type=float, default=None, help="data.min_duration (s)")
+    p.add_argument("--max-duration", type=float, default=None, help="data.max_duration (s)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (for the steps per epoch)")
     p.add_argument("--out", required=True)
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_bins)
     p = sub.add_parser("report", help="per-bucket cuts, hours, batch size, padding, steps per epoch as the "
-                                      "training sampler batches (table + PNG)")
-    defaults = DataConfig()
+                                      "training sampler batches (table + PNG)",
+                       description="The settings come from --config and key=value (as given to nest-train), else "
+                       "the defaults, and the flags below override them.")
     p.add_argument("cuts", help="CutSet manifest or Shar folder")
-    p.add_argument("--bins", help="bins.yaml (with --batch-duration)")
-    p.add_argument("--batch-sizes", help="batch_sizes.yaml from calibrate (carries its own bucket bounds)")
-    p.add_argument("--batch-duration", type=float, default=defaults.batch_duration, help="data.batch_duration (s)")
-    p.add_argument("--min-duration", type=float, default=defaults.min_duration, help="data.min_duration (s)")
-    p.add_argument("--max-duration", type=float, default=defaults.max_duration, help="data.max_duration (s)")
+    p.add_argument("--bins", help="bins.yaml (default: data.bins)")
+    p.add_argument("--batch-sizes", help="batch_sizes.yaml from calibrate (carries its own bucket bounds; default: "
+                                         "data.bucket_batch_size)")
+    p.add_argument("--batch-duration", type=float, default=None, help="data.batch_duration (s)")
+    p.add_argument("--min-duration", type=float, default=None, help="data.min_duration (s)")
+    p.add_argument("--max-duration", type=float, default=None, help="data.max_duration (s)")
     p.add_argument("--no-drop-last", action="store_true", help="as data.drop_last=false")
     p.add_argument("--world-size", type=int, default=1, help="number of training processes (GPUs x nodes)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
@@ -202,13 +243,24 @@ def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv=None, extra: Sequence[Callable] = ()) -> int:
-    """Run one command; errors about the input (ValueError, OSError, nothing usable) print one line, exit 1."""
-    args = parser(extra).parse_args(argv)
+    """Run one command; errors about the input (ValueError, OSError, nothing usable, a busy output folder) print one
+    line and exit 1; SIGTERM and Ctrl-C stop it cleanly (temporary files and worker processes removed)."""
+    ap = parser(extra)
+    args, unknown = ap.parse_known_args(argv)
+    # key=value anywhere on the line, as nest-train takes them (argparse binds positionals only where they start)
+    if unknown and isinstance(getattr(args, "overrides", None), list) and all(OVERRIDE.match(u) for u in unknown):
+        args.overrides += unknown
+    elif unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = args.func(args)
-    except (NothingUsable, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with sigterm_raises():
+            result = args.func(args)
+    except (NothingUsable, FolderBusy, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as e:
+        print(f"{args.command}: {e or 'interrupted'}; what it was writing is left as it was before", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     print(json.dumps(result, indent=1))
     return 0

@@ -30,7 +30,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lhotse import CutSet
-from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
 from lhotse.serialization import deserialize_item
 
 from cuts.bins import Bins
@@ -38,16 +37,14 @@ from cuts.buffers import SharedBuffers
 from cuts.config import DataConfig
 from cuts.dataset import NestDataset, at_rate, keep_freed_memory, load_mono
 from cuts.mixing import NoiseBank
+from cuts.io import sha256_file
 from cuts.noise import NoiseMixer
 from cuts.sampler import (NO_BATCH, DurationFilter, EpochSampler, NoBatchError, build_sampler, combine_cuts,
-                          open_cuts)
-from cuts.shar import LazyCuts, SharStream, ShardProblems, is_shar, list_shards, shard_cuts
+                          estimated_bins, open_cuts)
+from cuts.shar import LazyCuts, SharStream, ShardProblems, is_shar, is_url, list_shards, shard_cuts
+from cuts.survey import DataSetupError, check_bins, kept_cuts, small_corpus
 
 log = logging.getLogger(__name__)
-
-
-class DataSetupError(ValueError):
-    """The data cannot be used as configured; the message says what to change."""
 
 
 class PackedCuts:
@@ -148,6 +145,17 @@ def _digest(path: Optional[str]) -> Optional[str]:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12] if path and Path(path).is_file() else path
 
 
+def content_digest(source: str) -> Optional[str]:
+    """What a training set holds, by its bytes: a manifest's, or the cut manifests of a Shar folder's shards (None
+    for a URL). A set prepared again at the same path is another set."""
+    if is_url(source):
+        return None
+    if is_shar(source):
+        names = sorted(Path(source).glob("cuts.*.jsonl*"))
+        return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in names).encode()).hexdigest()[:16]
+    return sha256_file(source)[:16]
+
+
 class DataFeed:
     """Training and validation loaders of a run and their position (``state_dict``), on one rank."""
 
@@ -165,6 +173,7 @@ class DataFeed:
         self.last: dict[int, tuple[int, int]] = {}  # Shar: worker -> (epoch, index) of its last consumed batch
         self.consumed = 0  # Shar: batches consumed by this rank
         self._pending: list = []
+        self._contents: Optional[list] = None  # content_digest of each of data.train_cuts
         self.world_size, self.rank, self.pin_memory, self.local_world_size = 1, 0, False, 1
         self.num_workers = resolve_workers(cfg.num_workers, 1)
         self.bank: Optional[NoiseBank] = None  # the noise bank of the training loader (data.noise_bank_seconds)
@@ -184,17 +193,19 @@ class DataFeed:
         return max(1, self.num_workers)
 
     def _shar_bins(self) -> Bins:
-        """Bins estimated from the first cut manifests (no audio), when data.bins is not given."""
+        """Bins estimated from the first cut manifests (no audio), when data.bins is not given: every worker's
+        sampler buckets alike."""
         problems = ShardProblems()
         cuts = (c for s in self.cfg.train_cuts for shard in list_shards(s) for c in shard_cuts(shard, False, problems))
-        edges = estimate_duration_buckets(islice(cuts, 10000), num_buckets=self.cfg.num_buckets)
-        return Bins(upper=[*edges, self.cfg.max_duration], num_cuts=0, max_duration=self.cfg.max_duration)
+        return estimated_bins(cuts, self.cfg)[0]
 
     def meaning(self) -> dict[str, Any]:
         """What the position means; a resume with other values cannot continue the interrupted epoch."""
         world, _ = self._rank()
         c = self.cfg
-        return {"world_size": world, "seed": self.seed, "train_cuts": list(c.train_cuts),
+        if self._contents is None:  # hashed once: checkpoints are written often
+            self._contents = [content_digest(s) for s in c.train_cuts]
+        return {"world_size": world, "seed": self.seed, "train_cuts": list(c.train_cuts), "contents": self._contents,
                 "train_weights": list(c.train_weights), "bins": _digest(c.bins),
                 "bucket_batch_size": _digest(c.bucket_batch_size), "batch_duration": c.batch_duration,
                 "min_duration": c.min_duration, "max_duration": c.max_duration, "drop_last": c.drop_last,
@@ -216,11 +227,16 @@ class DataFeed:
             cuts = combine_cuts(self.cfg.train_cuts, self.cfg.train_weights, self.seed)
             audio = None
         seen = list(islice(iter(cuts), max_cuts))
+        whole = len(seen) < max_cuts  # the whole corpus was read
+        kept = kept_cuts(seen, self.cfg, whole)
         if self.shar and self.bins is None:
             self.bins = self._shar_bins()
+        if not self.shar and whole:
+            self.cfg = small_corpus(kept, self.cfg, lambda c, cfg: build_sampler(c, cfg, train=True, seed=self.seed,
+                                                                                 bins=self.bins))
         with warnings.catch_warnings():  # lhotse warns that a list of cuts is not lazy: it is small on purpose
             warnings.simplefilter("ignore", UserWarning)
-            first = next(iter(self._sampler(CutSet(seen) if len(seen) < max_cuts else cuts, self.seed, 1, 0)), None)
+            first = next(iter(self._sampler(CutSet(seen) if whole else cuts, self.seed, 1, 0)), None)
         if first is None:
             raise NoBatchError(NO_BATCH)
         errors = []
@@ -230,38 +246,11 @@ class DataFeed:
                 errors = []
                 break
             except Exception as e:
-                errors.append(f"{cut.id}: {type(e).__name__}: {e}")
+                errors.append(f"{cut.id}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
         if errors:
             raise DataSetupError("the audio of the first cuts does not load (" + "; ".join(errors) + "): check that "
                                  "the paths in the manifest exist on this machine")
-        if not self.shar and len(seen) < max_cuts and self.cfg.drop_last:
-            self._warn_unused(seen)
-        bins = self.bins
-        if bins is not None and seen:
-            longest = max(c.duration for c in seen)
-            over = sum(c.duration > bins.max_duration for c in seen)
-            if over > 0.05 * len(seen):
-                log.warning("data.bins (longest duration %.2f s) look like another corpus's: %d of the first %d cuts "
-                            "of data.train_cuts are longer (up to %.2f s) and all share the last bucket; run "
-                            "`prepare.py bins` on this corpus", bins.max_duration, over, len(seen), longest)
-
-    def _warn_unused(self, cuts: list) -> None:
-        """A small corpus: one epoch of the sampler says how many cuts no batch takes (dropped incomplete
-        batches, and buckets that never fill one)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            sampler = self._sampler(CutSet(cuts), self.seed, 1, 0)
-            sampler.set_epoch(0)
-            used = {c.id for batch in sampler for c in batch}
-        kept = [c for c in cuts if self.cfg.min_duration <= c.duration <= self.cfg.max_duration]
-        unused = [c for c in kept if c.id not in used]
-        if len(unused) > 0.1 * len(kept):
-            log.warning("%d of the %d cuts (%.0f%%) are in no batch of an epoch (data.batch_duration=%g s): each "
-                        "bucket's last, incomplete batch is dropped (data.drop_last=true), and the cuts of a bucket "
-                        "that never fills a batch are never trained on; lower data.batch_duration, make fewer "
-                        "buckets (prepare.py bins --buckets), or set data.drop_last=false (`prepare.py report` shows "
-                        "each bucket)", len(unused), len(kept), 100 * len(unused) / max(len(kept), 1),
-                        self.cfg.batch_duration)
+        check_bins(kept, self.bins if self.cfg.bins else None, whole)
 
     # ---- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -351,7 +340,8 @@ class DataFeed:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         before, now = state.get("meaning", {}), self.meaning()
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        # A key that the checkpoint's version did not write yet (e.g. contents) is not a change.
+        changed = {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
         epoch = int(state["epoch"])
         ranks = state.get("ranks")
         if ranks:

@@ -18,7 +18,9 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, IO, Iterator, Optional, Union
+from typing import Any, Callable, IO, Iterator, Optional, Union
+
+import yaml
 
 GZIP_MAGIC = b"\x1f\x8b"
 _UMASK = os.umask(0o022)
@@ -30,13 +32,13 @@ class ManifestError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, Path], binary: bool = False) -> Iterator[IO]:
-    """Open ``path`` for writing through a temporary file in the same folder; on success the data is
-    flushed, fsynced and renamed over ``path``, on an exception the temporary file is removed.
-    A name ending in ``.gz`` is gzip-compressed."""
+def atomic_write(path: Union[str, Path], binary: bool = False, tmp_dir: Optional[Path] = None) -> Iterator[IO]:
+    """Open ``path`` for writing through a temporary file in the same folder (or in ``tmp_dir``, which must be on
+    the same file system); on success the data is flushed, fsynced and renamed over ``path``, on an exception the
+    temporary file is removed. A name ending in ``.gz`` is gzip-compressed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the permissions open() would
     raw = os.fdopen(fd, "wb")
     gz = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) \
@@ -74,9 +76,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_text(path: Union[str, Path], text: str) -> None:
+def write_text(path: Union[str, Path], text: str, tmp_dir: Optional[Path] = None) -> None:
     """``path.write_text(text)``, atomically."""
-    with atomic_write(path) as f:
+    with atomic_write(path, tmp_dir=tmp_dir) as f:
         f.write(text)
 
 
@@ -106,6 +108,13 @@ class _Reader(io.RawIOBase):
         return len(data)
 
 
+def one_line(message: object) -> str:
+    """``message`` as one line of printable text: a character that is not printable (a line or record separator
+    from a user's file, a control code) is written as its escape, so that an error stays one line."""
+    text = str(message).strip()
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], None]] = None
                ) -> Iterator[tuple[str, dict]]:
     """``(where, object)`` per non-empty line of a JSON-lines file (plain or gzip, local or a URL), read
@@ -113,8 +122,8 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
     and is skipped; without ``on_error`` it raises :class:`ManifestError`. A gzip file cut short is a
     :class:`ManifestError` naming the last line read."""
     n = 0
-    with _open_lines(path) as f:
-        try:
+    try:
+        with _open_lines(path) as f:
             # Binary lines split at b"\n" only (text mode would also split at U+2028 and others).
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -134,9 +143,57 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
                     raise ManifestError(f"{where}: {problem}; fix or delete that line")
                 else:
                     on_error(where, problem)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ManifestError(f"{path}: unreadable after line {n} ({type(e).__name__}: {e}); "
+                            "the file is damaged or was cut short: write it again") from None
+
+
+def read_yaml(path: Union[str, Path], what: str, made_by: str) -> Any:
+    """The YAML document in ``path``; a file that is missing, not text or not YAML raises one line naming it (and
+    the line of a YAML error) and ``made_by``, the command that writes such a file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist; make it with {made_by}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder; give the YAML file {made_by} writes") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file; give the YAML file {made_by} writes") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{what} {path}{f':{mark.line + 1}' if mark else ''} is not valid YAML ({problem}); "
+                         f"fix it or make it again with {made_by}") from None
+
+
+def cut_short(path: Union[str, Path]) -> Optional[str]:
+    """Why the local JSON-lines file ``path`` ends early, in the words of :func:`iter_jsonl`'s error, or None: a
+    gzip stream that does not decompress to its end (read whole, without parsing), or a plain file whose last line
+    breaks off (no newline and no JSON)."""
+    with open(path, "rb") as raw:
+        if raw.read(2) != GZIP_MAGIC:
+            size = raw.seek(0, os.SEEK_END)
+            raw.seek(max(0, size - (1 << 20)))
+            tail = raw.read()
+            last = tail.rsplit(b"\n", 1)[-1]
+            try:
+                json.loads(last) if last.strip() else None
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                return f"{path}: its last line breaks off ({last[:40]!r}...); the file was cut short: write it again"
+            return None
+        raw.seek(0)
+        lines = 0
+        try:
+            with gzip.open(raw, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    lines += block.count(b"\n")
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise ManifestError(f"{path}: unreadable after line {n} ({type(e).__name__}: {e}); "
-                                "the file is damaged or was cut short: write it again") from None
+            return (f"{path}: unreadable after line {lines} ({type(e).__name__}: {e}); the file is damaged or was cut "
+                    "short: write it again")
+    return None
 
 
 def sha256_file(path: Union[str, Path]) -> str:

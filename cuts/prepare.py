@@ -12,12 +12,12 @@ rejected.jsonl. Audio paths are stored absolute and resolved, so a manifest work
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from array import array
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -27,6 +27,8 @@ from lhotse import MonoCut, MultiCut, Recording
 from tqdm import tqdm
 
 from cuts.io import ExternalShuffle, atomic_write, write_text
+from cuts.lock import folder_lock
+from cuts.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +76,45 @@ def is_audio(name: str) -> bool:
     return Path(name).suffix.lower() in AUDIO_EXTENSIONS
 
 
-def find_audio(src: Path) -> Iterator[tuple[Path, str]]:
+def find_audio(src: Path, skipped: Optional[Counter] = None) -> Iterator[tuple[Path, str]]:
     """``(path, id)`` of the audio files under ``src``, in a stable order, found lazily (one folder's
-    names in memory at a time)."""
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
+    names in memory at a time). Linked folders are followed; a folder reached a second time (a link loop, two
+    links to one folder) and one that cannot be listed are skipped with a warning, and ``skipped`` counts them,
+    and the files that are not audio, by kind."""
+    skipped = Counter() if skipped is None else skipped
+    seen = {_folder_key(src)}
+
+    def unreadable(e: OSError) -> None:
+        skipped["unreadable folders"] += 1
+        log.warning("%s: skipped, cannot list it (%s)", e.filename, e.strerror)
+
+    for root, dirs, files in os.walk(src, onerror=unreadable, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            try:
+                key = _folder_key(Path(root) / d)
+            except OSError as e:
+                unreadable(e)
+                continue
+            if key in seen:
+                skipped["folders reached again through a link"] += 1
+                log.warning("%s: skipped, it leads to %s, which is read once already", Path(root) / d,
+                            os.path.realpath(Path(root) / d))
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirs[:] = keep
         rel = Path(root).relative_to(src)
         names = sorted(n for n in files if is_audio(n))
+        skipped["files not audio (by extension)"] += len(files) - len(names)
         whole = whole_names(names)
         for name in names:
             yield Path(root) / name, (rel / file_id(name, whole)).as_posix()
+
+
+def _folder_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)  # follows the link
+    return st.st_dev, st.st_ino
 
 
 def recording_to_cut(rec: Recording, channel: str) -> Union[MonoCut, MultiCut]:
@@ -178,7 +209,7 @@ def parallel_map(fn: Callable, items: Iterable[tuple[tuple, Any]], jobs: int) ->
     if jobs <= 1:
         yield from ((context, fn(*args)) for args, context in items)
         return
-    with ProcessPoolExecutor(jobs) as pool:
+    with process_pool(jobs) as pool:
         window: deque = deque()
         for args, context in items:
             window.append((context, pool.submit(_star, (fn, *args))))
@@ -192,26 +223,33 @@ def parallel_map(fn: Callable, items: Iterable[tuple[tuple, Any]], jobs: int) ->
 
 class SetWriter:
     """Writes cuts.jsonl.gz (shuffled with ``seed``), rejected.jsonl and summary.json of one output
-    folder. Use as a context manager: an exception leaves the folder's previous files as they were."""
+    folder. Use as a context manager: it holds the folder's lock (a second writer refuses, naming this one) and keeps
+    its temporary files in a folder of its own; an exception leaves the folder's previous files as they were."""
 
     def __init__(self, out_dir: Path, seed: int = 0):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
-        self.shuffle = ExternalShuffle(self.out_dir / ".shuffle.tmp", seed)
-        self._rejected_file = atomic_write(self.out_dir / "rejected.jsonl")
-        self.rejected = self._rejected_file.__enter__()
         self.kinds: Counter = Counter()
         self.first_rejections: list[str] = []
+        self.skipped: Counter = Counter()  # what is not an input at all (folders, other files), by kind
         self.summary: Optional[dict] = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "SetWriter":
+        with self._stack as stack:
+            self.tmp = stack.enter_context(folder_lock(self.out_dir))
+            self.shuffle = ExternalShuffle(self.tmp / "shuffle", self.seed)
+            self._rejected_file = atomic_write(self.out_dir / "rejected.jsonl", tmp_dir=self.tmp)
+            self.rejected = self._rejected_file.__enter__()
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.summary is None:  # not closed: an exception on the way
-            self._rejected_file.__exit__(exc_type or RuntimeError, exc, tb)
-            self.shuffle.cleanup()
+        try:
+            if self.summary is None:  # not closed: an exception on the way
+                self._rejected_file.__exit__(exc_type or RuntimeError, exc, tb)
+        finally:
+            self._stack.__exit__(exc_type, exc, tb)
 
     def add_cut(self, cut, source: str) -> None:
         """Queue ``cut``; a later cut with the same id is rejected as a duplicate when the set is closed."""
@@ -231,7 +269,7 @@ class SetWriter:
         """Drop repeated ids (one hash shard at a time), write the cuts shuffled, then the summary. Nothing
         usable from ``what`` raises NothingUsable and leaves the folder's previous files as they were."""
         durations = array("d")
-        with atomic_write(self.out_dir / "cuts.jsonl.gz") as out:
+        with atomic_write(self.out_dir / "cuts.jsonl.gz", tmp_dir=self.tmp) as out:
             for shard, lines in self.shuffle.shards():
                 first: dict[str, str] = {}
                 kept = []
@@ -258,12 +296,13 @@ class SetWriter:
             "hours": float(d.sum() / 3600),
             "num_rejected": sum(self.kinds.values()),
             "rejected_by_reason": dict(self.kinds.most_common()),
+            "skipped": {k: n for k, n in self.skipped.most_common() if n},
             "duration_percentiles": {
                 str(q): float(np.percentile(d, q)) for q in (0, 1, 5, 25, 50, 75, 95, 99, 100)
             } if len(d) else {},
             "shuffle_seed": self.seed,
         }
-        write_text(self.out_dir / "summary.json", json.dumps(self.summary, indent=1))
+        write_text(self.out_dir / "summary.json", json.dumps(self.summary, indent=1), tmp_dir=self.tmp)
         return self.summary
 
 
@@ -302,7 +341,7 @@ def prepare_audio_dir(
     if not src.is_dir():
         raise NothingUsable(f"{src} is not a folder")
     with SetWriter(out_dir, seed) as writer:
-        items = (((path, rec_id, min_duration), None) for path, rec_id in find_audio(src))
+        items = (((path, rec_id, min_duration), None) for path, rec_id in find_audio(src, writer.skipped))
         for _, result in tqdm(parallel_map(probe, items, jobs), desc="audio-dir", unit=" files"):
             if isinstance(result, Rejection):
                 writer.reject(result)

@@ -6,8 +6,10 @@ duration-only cuts, so steps per epoch are the sampler's, not an estimate.
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -15,11 +17,13 @@ import numpy as np
 import yaml
 from lhotse import CutSet, MonoCut
 
-from cuts.bins import Bins
+from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
 from cuts.config import DataConfig
 from cuts.io import atomic_write
 from cuts.sampler import build_sampler, load_batch_sizes
 
+log = logging.getLogger(__name__)
+EXACT_STEPS_MAX_CUTS = 20000  # up to this many cuts, `prepare.py bins` runs an epoch of the sampler to count steps
 COLUMNS = ("bucket", "upper_s", "cuts", "hours", "batch_size", "audio_s_per_batch", "padding", "steps_per_epoch")
 
 
@@ -56,7 +60,9 @@ def bucket_report(durations: np.ndarray, uppers: list[float], batch_sizes: Optio
         sampler = build_sampler(CutSet(DurationCuts(durations)), cfg, train=True, seed=seed, world_size=world_size,
                                 rank=0, bins=bins)
         sampler.set_epoch(0)
-        batches = [np.array([c.duration for c in batch]) for batch in sampler]
+        with warnings.catch_warnings():  # lhotse's buffer-size guess (and its mean of no bin edges, for one bucket)
+            warnings.simplefilter("ignore")
+            batches = [np.array([c.duration for c in batch]) for batch in sampler]
     edges = np.asarray(uppers[:-1])
     kept = durations[(durations >= min_duration) & (durations <= max_duration)]
     bucket_of_cut = np.searchsorted(edges, kept, side="left")
@@ -80,6 +86,52 @@ def bucket_report(durations: np.ndarray, uppers: list[float], batch_sizes: Optio
             "never_fills": bool(len(d)) and drop_last and (len(d) < needed or not mine),
         })
     return rows
+
+
+def training_bins(durations: np.ndarray, cfg: DataConfig, num_buckets: int, min_cuts_per_bucket: int = MIN_CUTS_PER_BUCKET,
+                  min_batches_per_bucket: float = MIN_BATCHES_PER_BUCKET, seed: int = 0) -> tuple[Bins, dict]:
+    """Bins of the cuts training keeps (``cfg.min_duration`` to ``cfg.max_duration``), each bucket holding several
+    batches of ``cfg.batch_duration``, and what they give: the cuts the duration filter leaves out, and one epoch of
+    the training sampler (counted exactly up to EXACT_STEPS_MAX_CUTS cuts). A corpus too small to fill a few batches
+    gets a warning that says so and what to change."""
+    kept = durations[(durations >= cfg.min_duration) & (durations <= cfg.max_duration)]
+    if not len(kept):
+        raise ValueError(f"none of the {len(durations)} cuts lies within data.min_duration..data.max_duration "
+                         f"({cfg.min_duration:g}..{cfg.max_duration:g} s), they span {durations.min():.2f}.."
+                         f"{durations.max():.2f} s: change those settings, or prepare with --window")
+    if len(kept) < len(durations):
+        left = durations[(durations < cfg.min_duration) | (durations > cfg.max_duration)]
+        short = left[left < cfg.min_duration]
+        hints = ([f"set data.min_duration={max(0.1, math.floor(10 * short.min()) / 10):g} to keep the {len(short)} "
+                  "shorter ones"] if len(short) else []) + \
+            (["prepare with --window S to cut long recordings into windows it keeps"] if len(short) < len(left) else [])
+        log.warning("%d of %d cuts (%.2f h) lie outside data.min_duration..data.max_duration (%g..%g s): training "
+                    "leaves them out, and so do the bins; %s", len(left), len(durations), left.sum() / 3600,
+                    cfg.min_duration, cfg.max_duration, "; ".join(hints))
+    B = cfg.batch_duration
+    bins = bins_from_durations(kept, num_buckets, min_cuts_per_bucket, B, min_batches_per_bucket)
+    total = float(kept.sum())
+    info = {"num_buckets": len(bins.upper), "batch_duration": B, "num_cuts": len(kept), "hours": round(total / 3600, 3),
+            "cuts_outside_duration_range": int(len(durations) - len(kept)), "steps_per_epoch": None,
+            "cuts_in_no_batch": None, "tiny": total < min_batches_per_bucket * B}
+    if len(kept) <= EXACT_STEPS_MAX_CUTS:
+        rows = bucket_report(kept, bins.upper, None, B, seed, drop_last=cfg.drop_last,
+                             quadratic_duration=cfg.quadratic_duration)
+        info["steps_per_epoch"] = sum(r["steps_per_epoch"] for r in rows)
+        info["cuts_in_no_batch"] = len(kept) - sum(r["cuts_in_batches"] for r in rows)
+    if info["tiny"]:
+        suggest = max(math.ceil(kept.max()), math.floor(total / min_batches_per_bucket))
+        if info["steps_per_epoch"] == 0 or (info["steps_per_epoch"] is None and total < B):
+            log.warning("the corpus is tiny for data.batch_duration=%g s: its %d cuts (%.0f s of audio) make no whole "
+                        "batch, so with data.drop_last=true an epoch would train on nothing; set data.batch_duration=%d "
+                        "(a quarter of the corpus) or data.drop_last=false", B, len(kept), total, suggest)
+        else:
+            log.warning("the corpus is tiny for data.batch_duration=%g s: its %d cuts (%.0f s of audio) fill one "
+                        "bucket and make %s step(s) per epoch%s; for more steps set data.batch_duration=%d", B,
+                        len(kept), total, info["steps_per_epoch"] if info["steps_per_epoch"] is not None
+                        else f"about {total / B:.0f}", f", {info['cuts_in_no_batch']} cuts in no batch"
+                        if info["cuts_in_no_batch"] else "", suggest)
+    return bins, info
 
 
 def format_table(rows: list[dict], world_size: int = 1) -> str:
@@ -109,7 +161,7 @@ def plot_report(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for ax, key, title in zip(axes, ("hours", "batch_size", "padding"), ("hours per bucket", "batch size", "padding")):
         ax.bar(range(len(x)), [r[key] for r in rows], color="#4c72b0")
-        ax.set_xticks(range(len(x)), [f"{v:.0f}" for v in x], fontsize=7)
+        ax.set_xticks(range(len(x)), [f"{v:.1f}" for v in x], fontsize=7)
         ax.set_xlabel("bucket upper duration (s)")
         ax.set_title(title)
     fig.tight_layout()
@@ -123,5 +175,5 @@ def load_uppers_and_sizes(bins_path: Optional[str], sizes_path: Optional[str]) -
     if sizes_path:
         return load_batch_sizes(sizes_path)
     if not bins_path:
-        raise ValueError("give --bins or --batch-sizes")
+        raise ValueError("give --bins or --batch-sizes (or --config whose data.bins or data.bucket_batch_size is set)")
     return Bins.load(bins_path).upper, None

@@ -2,38 +2,55 @@
 from __future__ import annotations
 
 import logging
+import math
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
-import yaml
 from lhotse import CutSet
+from lhotse.qa import validate
 from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
 
-from cuts.bins import Bins
+from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
-from cuts.io import iter_jsonl
+from cuts.io import ManifestError, iter_jsonl, read_yaml
 from cuts.shar import is_shar, is_url, list_shards
 
 log = logging.getLogger(__name__)
+MAX_BIN_CUTS = 10_000  # cuts read to estimate buckets when no bins are given (as many as lhotse's samplers read)
 
 
 class ManifestCuts:
     """The cuts of a JSON-lines manifest (local, gzip or any URL lhotse's I/O reads), read lazily; a
-    malformed line is logged with its file and line number, counted and skipped."""
+    malformed line is logged with its file and line number, counted and skipped. A file that ends early (a gzip
+    stream cut short, e.g. replaced or damaged while a run reads it) ends there with an error line: a multi-day
+    run keeps the cuts it has instead of crashing (start-up refuses such a file: nest.training.sources)."""
 
     def __init__(self, source: str):
         self.source = source
         self.bad_lines = 0
 
     def __iter__(self):
-        for where, item in iter_jsonl(self.source, on_error=self._bad):
-            try:
-                yield deserialize_item(item)
-            except Exception as e:
-                self._bad(where, f"{type(e).__name__}: {e}")
+        try:
+            for where, item in iter_jsonl(self.source, on_error=self._bad):
+                try:
+                    cut = deserialize_item(item)
+                    # lhotse builds cuts from any values: what the sampler and loaders rely on is checked here
+                    # (positive durations, consistent recordings; about a tenth of the cost of reading a cut).
+                    validate(cut)
+                    if not isinstance(cut.id, str):
+                        raise ValueError(f"its id is {cut.id!r}, not a string")
+                except Exception as e:
+                    self._bad(where, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+                    continue
+                yield cut
+        except ManifestError as e:
+            self.bad_lines += 1
+            log.error("%s; the rest of it is skipped this epoch", e)
 
     def _bad(self, where: str, problem: str) -> None:
         self.bad_lines += 1
@@ -68,14 +85,16 @@ def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) ->
 
 def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
     """Bucket bounds and per-bucket batch sizes from ``prepare.py calibrate`` (batch_sizes.yaml)."""
-    d = yaml.safe_load(Path(path).read_text())
+    d = read_yaml(path, "batch sizes file", "`nest-prepare calibrate`")
     try:
         uppers = [float(u) for u in d["bucket_upper_duration"]]
         sizes = [int(b) for b in d["batch_sizes"]]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `nest-prepare calibrate`)") from None
-    if len(uppers) != len(sizes) or uppers != sorted(uppers) or not sizes or min(sizes) < 1:
-        raise ValueError(f"{path}: one positive batch size per bucket, bounds increasing")
+    if len(uppers) != len(sizes) or not sizes or min(sizes) < 1 or \
+            not all(math.isfinite(u) and u > 0 for u in uppers) or any(a >= b for a, b in zip(uppers, uppers[1:])):
+        raise ValueError(f"{path}: needs one positive batch size per bucket and bucket bounds in positive seconds, "
+                         f"strictly increasing; make it again with `nest-prepare calibrate`")
     return uppers, sizes
 
 
@@ -89,12 +108,61 @@ class DurationFilter:
         return self.lo <= cut.duration <= self.hi
 
 
+def _batch_duration(cfg: DataConfig, train: bool) -> tuple[float, str]:
+    if train or not cfg.val_batch_duration:
+        return cfg.batch_duration, "data.batch_duration"
+    return cfg.val_batch_duration, "data.val_batch_duration"
+
+
+def duration_limits(cfg: DataConfig, train: bool = True) -> tuple[float, float, str]:
+    """The durations batches take, ``lo <= duration <= hi``, and what sets ``hi`` (in words, for messages).
+
+    ``hi`` is data.max_duration, or less: the longest calibrated bucket (data.bucket_batch_size), or the longest cut
+    one batch of data.batch_duration holds (lhotse would make a batch of one longer cut anyway, over the memory
+    the batch size was chosen for)."""
+    hi, why = cfg.max_duration, f"data.max_duration={cfg.max_duration:g} s"
+    if cfg.bucket_batch_size:
+        longest = load_batch_sizes(cfg.bucket_batch_size)[0][-1]
+        if longest < hi:
+            hi, why = longest, f"the longest bucket of data.bucket_batch_size ({longest:g} s)"
+    else:
+        batch, key = _batch_duration(cfg, train)
+        q = cfg.quadratic_duration
+        # lhotse measures a cut as d + d^2 / quadratic_duration: the longest that fits solves d + d^2 / q = batch.
+        fits = batch if not q else q * (math.sqrt(1 + 4 * batch / q) - 1) / 2
+        if fits < hi:
+            hi, why = fits, f"the {fits:g} s one batch of {key}={batch:g} s holds"
+    return cfg.min_duration, hi, why
+
+
+def estimated_bins(cuts: Iterable, cfg: DataConfig, train: bool = True) -> tuple[Bins, str]:
+    """Buckets for a run without data.bins, from the durations of the first cuts in the duration limits (as lhotse
+    estimates them, with the exact edges of nest-prepare bins): at most data.num_buckets, fewer when the data is
+    small, so that each holds a few cuts and batches. Returns the bins and, when they are fewer than asked, a note
+    saying why."""
+    lo, hi, _ = duration_limits(cfg, train)
+    d = np.fromiter((c.duration for c in islice((c for c in cuts if lo <= c.duration <= hi), MAX_BIN_CUTS)), float)
+    if not len(d):
+        return Bins(upper=[hi], num_cuts=0, max_duration=hi), ""
+    batch, key = _batch_duration(cfg, train)
+    # The number of buckets nest-prepare bins would make (asked for exactly, so that it has nothing to warn about).
+    k = max(1, min(cfg.num_buckets, len(d) // MIN_CUTS_PER_BUCKET, int(d.sum() // (MIN_BATCHES_PER_BUCKET * batch))))
+    bins = bins_from_durations(d, k, batch_duration=batch)
+    note = "" if len(bins.upper) >= cfg.num_buckets else (
+        f"{len(bins.upper)} duration bucket(s), not data.num_buckets={cfg.num_buckets}: {len(d)} cuts of "
+        f"{d.sum() / 60:.1f} min fill no more with {MIN_CUTS_PER_BUCKET} cuts and {MIN_BATCHES_PER_BUCKET} batches of "
+        f"{key}={batch:g} s each")
+    return bins, note
+
+
 def build_sampler(
     cuts: CutSet, cfg: DataConfig, *, train: bool, seed: int, world_size: int = 1, rank: int = 0,
     bins: Optional[Bins] = None,
 ) -> DynamicBucketingSampler:
-    """Bucketing sampler: duration-based, or per-bucket batch sizes when ``data.bucket_batch_size`` is set."""
-    max_duration = cfg.max_duration
+    """Bucketing sampler: duration-based, or per-bucket batch sizes when ``data.bucket_batch_size`` is set. Without
+    ``bins`` they are estimated from the first cuts (``estimated_bins``)."""
+    lo, hi, _ = duration_limits(cfg, train)
+    cuts = cuts.filter(DurationFilter(lo, hi))
     kwargs = dict(
         shuffle=train, drop_last=train and cfg.drop_last, seed=seed, world_size=world_size, rank=rank,
         sync_buckets=True, buffer_size=max(cfg.shuffle_buffer_size, 1000), quadratic_duration=cfg.quadratic_duration,
@@ -102,16 +170,11 @@ def build_sampler(
     if cfg.bucket_batch_size:
         # The calibrated file carries its own (merged) bucket bounds; data.bins is not needed with it.
         uppers, sizes = load_batch_sizes(cfg.bucket_batch_size)
-        max_duration = min(max_duration, uppers[-1])
         kwargs["constraint"] = FixedBucketBatchSizeConstraint(uppers, sizes)
         kwargs["duration_bins"] = uppers
     else:
-        kwargs["max_duration"] = cfg.batch_duration if train else (cfg.val_batch_duration or cfg.batch_duration)
-        if bins is not None:
-            kwargs["duration_bins"] = bins.duration_bins
-        else:
-            kwargs["num_buckets"] = cfg.num_buckets
-    cuts = cuts.filter(DurationFilter(cfg.min_duration, max_duration))
+        kwargs["max_duration"] = _batch_duration(cfg, train)[0]
+        kwargs["duration_bins"] = (bins or estimated_bins(cuts, cfg, train)[0]).duration_bins
     return DynamicBucketingSampler(cuts, **kwargs)
 
 

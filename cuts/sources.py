@@ -10,26 +10,28 @@ import itertools
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from lhotse import Recording, SupervisionSegment
 from lhotse.cut import Cut
+from lhotse.qa import validate
 from lhotse.serialization import deserialize_item
 from tqdm import tqdm
 
 from cuts.io import ExternalShuffle, iter_jsonl
-from cuts.shar import write_shar_index
+from cuts.lock import replace_lock
+from cuts.shar import is_url, write_shar_index
 from cuts.prepare import (
-    BAD_LINE, DURATION_TOLERANCE, NO_RECORDING, PAST_END, TOO_SHORT, Rejection, SetWriter, add_windows,
-    check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
+    BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, NothingUsable, Rejection, SetWriter,
+    _error, add_windows, check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
 log = logging.getLogger(__name__)
 RECIPES = ("librispeech", "mini_librispeech", "musan")
 # The audio formats of lhotse's Shar writer (lhotse.shar.writers.shar.resolve_writer); lossless first.
 SHAR_AUDIO_FORMATS = ("flac", "wav", "mp3", "opus")
+SHAR_STREAMS_HINT = 16  # streams of a common run (8 GPUs x 2 workers): fewer shards than this get a warning at export
 
 
 class NemoIds:
@@ -139,6 +141,9 @@ def add_segment(writer: SetWriter, rec, s: dict, channel: str, min_duration: flo
 
 
 def _check_group(rec: Recording, source: str, min_duration: float):
+    missing = [s.source for s in rec.sources if s.type == "file" and not os.path.isfile(s.source)]
+    if missing:
+        return Rejection(source, MISSING, "no such file" if missing == [source] else f"no such file: {missing[0]}")
     return check_recording(rec, source, min_duration)
 
 
@@ -149,6 +154,21 @@ def make_absolute(rec: Recording) -> Recording:
         if s.type == "file" and not os.path.isabs(s.source):
             s.source = str(Path(s.source).resolve())
     return rec
+
+
+def find_relative(rec: Recording, manifest_dir: Path) -> Optional[str]:
+    """Make ``rec``'s relative file sources absolute, in place: from the working folder, where lhotse reads them,
+    else from the manifest's folder; where neither holds the file, say so (None when all were found)."""
+    for s in rec.sources:
+        if s.type != "file" or os.path.isabs(s.source):
+            continue
+        tried = [Path(s.source).resolve(), (manifest_dir / s.source).resolve()]
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            return (f"relative path {s.source!r} found neither from the working folder ({tried[0]}) nor from the "
+                    f"manifest's folder ({tried[1]}): run from the folder the paths start at, or make them absolute")
+        s.source = str(found)
+    return None
 
 
 def write_validated(
@@ -187,25 +207,51 @@ def _recording_id(cut: Cut) -> Optional[tuple]:
 
 
 def manifest_cuts(manifests: Sequence[Path], channel: str, writer: SetWriter) -> Iterator[tuple[str, Cut]]:
-    """``(where, cut)`` per line of Lhotse CutSet or RecordingSet manifests; other lines are rejected."""
+    """``(where, cut)`` per line of Lhotse CutSet or RecordingSet manifests; other lines are rejected, and so are
+    cuts whose relative audio paths lead nowhere (see :func:`find_relative`)."""
     def bad(where: str, problem: str) -> None:
         writer.reject(Rejection(where, BAD_LINE, problem, where))
 
     for m in manifests:
-        if not Path(m).is_file():
+        if not is_url(str(m)) and not Path(m).is_file():
             raise FileNotFoundError(f"manifest {m} does not exist")
+        manifest_dir = Path(os.path.abspath(m)).parent
         for where, d in iter_jsonl(m, on_error=bad):
             try:
                 item = deserialize_item(d)
             except Exception as e:
                 bad(where, f"not a Lhotse cut or recording ({_short(e)})")
                 continue
+            problem = malformed(item)
+            if problem:
+                bad(where, problem)
+                continue
             if isinstance(item, Recording):
-                yield where, recording_to_cut(item, channel)
-            elif isinstance(item, Cut):
-                yield where, item
-            else:
-                bad(where, f"a {type(item).__name__}, not a cut or recording")
+                item = recording_to_cut(item, channel)
+            rec = getattr(item, "recording", None)
+            lost = None if rec is None else find_relative(rec, manifest_dir)
+            if lost:
+                writer.reject(Rejection(rec.sources[0].source, MISSING, lost, where))
+                continue
+            yield where, item
+
+
+def malformed(item) -> Optional[str]:
+    """What makes a deserialized manifest item unusable, or None: lhotse builds cuts and recordings from any values,
+    and its own checks (lhotse.qa.validate: positive durations, a recording that holds the cut) say which are not."""
+    if not isinstance(item, (Cut, Recording)):
+        return f"a {type(item).__name__}, not a cut or recording"
+    if not isinstance(item.id, str) or not item.id:
+        return f"its id is {item.id!r}, not a non-empty string"
+    rec = item if isinstance(item, Recording) else getattr(item, "recording", None)
+    if rec is not None and not (isinstance(rec.sources, list) and rec.sources and all(
+            isinstance(getattr(src, "source", None), str) for src in rec.sources)):
+        return f"recording {rec.id!r}: sources must be a list of audio sources (type, channels, source)"
+    try:
+        validate(item)
+    except Exception as e:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return None
 
 
 def _short(e: Exception) -> str:
@@ -267,35 +313,61 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
     writer (``SHAR_AUDIO_FORMATS``): flac (16-bit, about half the bytes of wav, decoded at a few thousand
     audio-s/s a core) or wav (16-bit PCM, read almost for free; see BENCHMARKS.md). The folder appears
     complete or not at all; a cut whose audio fails to load is reported and left out. Fields other than the
-    audio (k-means ``targets``) stay references to their files, which must be readable where training runs."""
+    audio (k-means ``targets``) stay references to their files, which must be readable where training runs.
+    Training reads the shards with world size x data.num_workers streams, one shard at least each: the result
+    and a log line say how many the export feeds."""
     from lhotse.cut.set import deserialize_cut
     from lhotse.shar import SharWriter
 
     if audio_format not in SHAR_AUDIO_FORMATS:
         raise ValueError(f"--audio-format {audio_format!r}: use one of {', '.join(SHAR_AUDIO_FORMATS)}")
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shuffle = ExternalShuffle(tmp.with_name(f".{out_dir.name}.shuffle.tmp"), seed)
-    for _, d in iter_jsonl(cuts_path):
-        shuffle.add(str(d.get("id")), json.dumps(d))
-    failed: list[dict] = []
-    tmp.mkdir(parents=True)
-    with SharWriter(tmp, fields={"recording": audio_format}, shard_size=shard_size) as writer:
-        for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
-            cut = deserialize_cut(json.loads(line))
-            try:
-                writer.write(cut)
-            except Exception as e:  # the audio did not load: report, skip
-                log.warning("shar: cut %s left out: %s", cut.id, _short(e))
-                failed.append({"id": cut.id, "reason": _short(e)})
-        num_shards = len(writer.output_paths["cuts"])
-        write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by an interrupted run: os.replace needs the name free
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return {"out_dir": str(out_dir), "num_shards": num_shards, "num_cuts": shuffle.count - len(failed),
+    if shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size}: give at least 1 cut per shard")
+    with replace_lock(out_dir) as work:  # one export per out folder; its files in a folder of its own
+        tmp = work / "shar"
+        shuffle = ExternalShuffle(work / "shuffle", seed)
+        failed: list[dict] = []
+        for where, d in iter_jsonl(cuts_path, on_error=lambda where, problem: failed.append(
+                {"id": None, "where": where, "reason": f"{BAD_LINE}: {problem}"})):
+            shuffle.add(str(d.get("id")), json.dumps([where, d]))
+        tmp.mkdir(parents=True)
+        written = 0
+        with SharWriter(tmp, fields={"recording": audio_format}, shard_size=shard_size) as writer:
+            for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
+                where, d = json.loads(line)
+                try:
+                    cut = deserialize_cut(d)
+                except Exception as e:
+                    cut, problem = None, f"not a Lhotse cut ({_short(e)})"
+                else:
+                    problem = malformed(cut)
+                if problem:
+                    failed.append({"id": d.get("id"), "where": where, "reason": f"{BAD_LINE}: {problem}"})
+                    continue
+                try:
+                    writer.write(cut)
+                    written += 1
+                except Exception as e:  # the audio did not load: report, skip
+                    log.warning("shar: cut %s left out: %s", cut.id, _error(e))
+                    failed.append({"id": cut.id, "where": where, "reason": _error(e)})
+            num_shards = len(writer.output_paths["cuts"])
+            write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
+        if not written:
+            raise NothingUsable(f"no cut of {cuts_path} could be exported ({len(failed)} lines"
+                                f"{', e.g. ' + failed[0]['where'] + ': ' + failed[0]['reason'] if failed else ''}); "
+                                f"{out_dir} is left as it was")
+        if out_dir.exists():
+            os.replace(out_dir, work / "old")
+        os.replace(tmp, out_dir)
+    num_cuts = written
+    hint = ""
+    if num_shards < SHAR_STREAMS_HINT:
+        hint = (f"; for {SHAR_STREAMS_HINT} streams (e.g. 8 GPUs x 2 workers) export with --shard-size "
+                f"{num_cuts // SHAR_STREAMS_HINT}" if num_cuts >= SHAR_STREAMS_HINT else
+                f"; its {num_cuts} cuts feed at most {num_cuts} streams, with --shard-size 1")
+    log.log(logging.WARNING if hint else logging.INFO, "%d shard(s) of up to %d cuts feed at most %d training "
+            "stream(s): world size x data.num_workers must stay <= %d%s", num_shards, shard_size, num_shards,
+            num_shards, hint)
+    return {"out_dir": str(out_dir), "num_shards": num_shards, "max_streams": num_shards, "num_cuts": num_cuts,
             "num_failed": len(failed), "failed": failed[:20]}

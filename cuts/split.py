@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cuts.io import atomic_write, iter_jsonl, key_hash, write_text
+from cuts.io import ManifestError, atomic_write, iter_jsonl, key_hash, write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,19 @@ def dev_count(num_recordings: int, fraction: float) -> int:
     return min(k, num_recordings // 2)
 
 
+def duration_of(where: str, d: dict) -> float:
+    """A cut's duration in seconds; a missing, non-numeric or negative one is the line's error."""
+    value = d.get("duration")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ManifestError(f"{where}: duration is {value!r}, not a number of seconds >= 0; fix or delete that line")
+    return float(value)
+
+
 def split_cuts(cuts_path: Path, out_dir: Path, dev_fraction: float, seed: int = 0) -> dict:
     """Write ``train.jsonl.gz`` and ``dev.jsonl.gz`` (and ``split.json``) under ``out_dir``."""
     hashes = array("Q")
-    for _, d in iter_jsonl(cuts_path):
+    for where, d in iter_jsonl(cuts_path):
+        duration_of(where, d)  # checked before anything is written
         hashes.append(key_hash(recording_of(d), seed))
     if not hashes:
         raise EmptySplit(f"{cuts_path} holds no cuts: nothing to train on")
@@ -58,11 +67,11 @@ def split_cuts(cuts_path: Path, out_dir: Path, dev_fraction: float, seed: int = 
     out_dir = Path(out_dir)
     counts = {"train": [0, 0.0], "dev": [0, 0.0]}
     with atomic_write(out_dir / "train.jsonl.gz") as train, atomic_write(out_dir / "dev.jsonl.gz") as dev:
-        for i, (_, d) in enumerate(iter_jsonl(cuts_path)):
+        for i, (where, d) in enumerate(iter_jsonl(cuts_path)):
             side = "dev" if int(hashes[i]) <= threshold else "train"
             (dev if side == "dev" else train).write(json.dumps(d) + "\n")
             counts[side][0] += 1
-            counts[side][1] += float(d.get("duration", 0.0))
+            counts[side][1] += duration_of(where, d)
         if counts["train"][0] == 0:
             raise EmptySplit(f"splitting {cuts_path} left train empty")
     summary = {

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cuts.dataset import at_rate, load_mono
+from cuts.io import one_line
 from cuts.sampler import open_cuts
 from nest.io.checkpoint import load_model
 from nest.objectives.base import select_layers
@@ -146,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n = extract(args.ckpt, open_cuts(args.cuts, seed=0), Path(args.out_dir), args.layers, args.format,
                     args.batch_size, args.device)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote features of {n} cuts to {args.out_dir}")
     return 0

@@ -8,11 +8,21 @@ import json
 import logging
 import sys
 
+from cuts.io import one_line
 from nest.config import describe, load_config
 from nest.errors import ConfigError
+from nest.summary import summary_line
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; run again with resume=auto
+
+
+def configure_logging() -> None:
+    """Our lines and Lightning's from INFO, other libraries' from WARNING: lhotse logs its audio backends at INFO on
+    the root logger ("Using audioread ...") whenever a file needs its fallback reader."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("nest", "cuts", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main(argv=None) -> int:
@@ -24,23 +34,24 @@ def main(argv=None) -> int:
                                          "repository's configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=1000")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         from nest.training.run import RUN_ERRORS, train  # after the config is checked: importing Lightning takes seconds
 
         summary = train(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
         from nest.training.run import RUN_ERRORS
 
         if isinstance(e, RUN_ERRORS):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 1
         raise
     print(json.dumps(summary, indent=1))
+    print(summary_line(summary))  # the line README quotes, as `python -m nest.summary` and the recipes end with
     if summary.get("stopped_by"):  # not finished: a recipe must not mark its training stage done
         print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: continue with resume=auto",
               file=sys.stderr)

@@ -113,13 +113,15 @@ done_stage() { mkdir -p "$(dirname "$stage_marker")"; fingerprint "${stage_args[
 # has_cuts MANIFEST: true when the (gzipped) manifest holds at least one line.
 has_cuts() { [ -n "$(gzip -cdf "$1" 2>/dev/null | head -c 1)" ]; }
 
-# bins_train_summary TRAIN DEV NOISE: the stages every corpus recipe ends with, 3 bins (--buckets), 4 train
-# (resume=auto, key=value arguments passed on) and 5 the summary line. DEV and NOISE may be empty; a DEV
-# manifest without cuts is left out of training.
+# bins_train_summary TRAIN DEV NOISE: the stages every corpus recipe ends with, 3 bins (--buckets; buckets that each
+# hold several batches of the config's data.batch_duration, key=value arguments included), 4 train (resume=auto,
+# key=value arguments passed on) and 5 the summary line. DEV and NOISE may be empty; a DEV manifest without cuts is
+# left out of training.
 bins_train_summary() {
   local train=$1 dev=$2 noise=$3
-  if run_stage 3 bins "buckets=$buckets" --in "$train" --out "$data/bins.yaml"; then
-    python "$REPO/prepare.py" bins "$train" --buckets "$buckets" --out "$data/bins.yaml"
+  if run_stage 3 bins "buckets=$buckets" "${extra_args[@]}" --in "$train" "$config" --out "$data/bins.yaml"; then
+    python "$REPO/prepare.py" bins "$train" "${extra_args[@]}" --config "$config" --buckets "$buckets" \
+      --out "$data/bins.yaml"
     done_stage
   fi
   if run_stage 4 train "exp=$exp" "${extra_args[@]}" --in "$config" "$train" ${dev:+"$dev"} "$data/bins.yaml" \

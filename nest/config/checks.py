@@ -4,6 +4,7 @@ nest.training.preflight, the one package that imports Lightning.)"""
 from __future__ import annotations
 
 import math
+import os
 import typing
 from typing import Any, Callable, Iterable
 
@@ -65,7 +66,7 @@ def validate(cfg: RunConfig) -> None:
                    "model.encoder.stochastic_depth_drop_prob"], probability, "a probability in [0, 1]")
     _require(cfg, ["data.batch_duration", "data.max_duration", "data.val_batch_duration", "data.quadratic_duration",
                    "model.preprocessor.window_size", "model.preprocessor.window_stride", "optim.lr",
-                   "trainer.checkpoint_every_minutes"], positive, "> 0 (seconds, or a rate)")
+                   "trainer.checkpoint_every_minutes", "trainer.ddp_timeout_minutes"], positive, "> 0 (seconds, or a rate)")
     _require(cfg, ["data.min_duration", "data.read_timeout", "optim.weight_decay", "optim.min_lr",
                    "trainer.gradient_clip_val", "model.preprocessor.dither"], lambda v: v >= 0, ">= 0")
     _require(cfg, ["data.num_buckets", "trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
@@ -103,6 +104,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.encoder.conv_norm_type", enc.conv_norm_type, ("batch_norm", "layer_norm"))
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
+    _choice("model.quantizer.norm", cfg.model.quantizer.norm, ("none", "layer"))
     _choice("model.mask_position", cfg.model.mask_position, ("pre_conv", "post_conv"))
     if cfg.model.mask_position == "post_conv" and cfg.model.masking.block_size < enc.subsampling_factor:
         raise ConfigError(f"model.masking.block_size={cfg.model.masking.block_size} is under one subsampled frame "
@@ -120,6 +122,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.encoder.conv_kernel_size={enc.conv_kernel_size} must be odd")
     _choice("trainer.logger", t.logger, ("tensorboard", "wandb"))
     if cfg.resume not in (None, "", "auto") and not str(cfg.resume).endswith((".ckpt", ".pt")):
+        if os.path.isdir(str(cfg.resume)):
+            raise ConfigError(f"resume={cfg.resume!r} is a folder: continue the run it holds with resume=auto "
+                              f"exp_dir={cfg.resume}, or give the path of a .ckpt checkpoint")
         raise ConfigError(f"resume={cfg.resume!r}: give auto or the path of a .ckpt checkpoint")
     check_precision(t.precision)
     if str(t.strategy).startswith(REFUSED_STRATEGY):

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+import yaml
 from lhotse import CutSet
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,19 +31,41 @@ PRESET_WEIGHT_DECAY = {"small": 0.0}  # optim.weight_decay of NeMo's size table,
 
 
 def _check_keys(raw: Any, schema: type, prefix: str) -> None:
-    """Reject keys that the dataclass ``schema`` does not have, suggesting the closest ones."""
+    """Reject keys that the dataclass ``schema`` does not have, suggesting the closest ones, and values that do not
+    fit the shape of their key: a section (``trainer``) given one value, a list key given a mapping. (Values of
+    the wrong scalar type are OmegaConf's to find, naming the key.)"""
     if not isinstance(raw, dict):
         return
     hints = typing.get_type_hints(schema)
-    for key, value in raw.items():
+    for key, value in list(raw.items()):
         full = f"{prefix}{key}"
         if key not in hints:
             candidates = [f"{prefix}{name}" for name in hints]
-            close = difflib.get_close_matches(full, candidates, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(str(full), candidates, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(candidates)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            _check_keys(value, hints[key], f"{full}.")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if value is None:  # a YAML section whose keys are all commented out
+                del raw[key]
+            elif not isinstance(value, dict):
+                first = next(iter(typing.get_type_hints(hint)))
+                raise ConfigError(f"config key {full!r} is a section, not a value (given {value!r}): set its keys, "
+                                  f"e.g. {full}.{first}=... (`--help` lists them)")
+            else:
+                _check_keys(value, hint, f"{full}.")
+        elif _is_list(hint):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, (list, dict)) for v in items):
+                raise ConfigError(f"config key {full!r} takes a list of values ([a, b]) or one value (given {value!r})")
+        elif isinstance(value, (list, dict)):
+            raise ConfigError(f"config key {full!r} takes one value (given {value!r})")
+
+
+def _is_list(hint: Any) -> bool:
+    """``List[X]`` or ``Optional[List[X]]``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else []
+    return typing.get_origin(hint) in (list, List) or (len(args) == 1 and typing.get_origin(args[0]) in (list, List))
 
 
 def _wrap_single_values(raw: Any, schema: type) -> None:
@@ -63,6 +86,11 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError, IndexError, ValueError) as e:
+            raise ConfigError(f"override {item!r} cannot be read ({_first_line(e)}): give key=value, e.g. "
+                              f"trainer.max_steps=1000 or data.train_cuts=[a.jsonl.gz,b.jsonl.gz]") from None
     return OmegaConf.from_dotlist(list(overrides))
 
 
@@ -71,6 +99,8 @@ def find_config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file (e.g. configs/nest_tiny.yaml)")
     for candidate in (REPO / path, REPO / "configs" / path.name, REPO / "configs" / f"{path.name}.yaml"):
         if not path.is_absolute() and candidate.is_file():
             return candidate
@@ -82,14 +112,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Merge defaults, an optional YAML file and ``key=value`` overrides into a checked RunConfig."""
     layers = []
     if path is not None:
-        layers.append(OmegaConf.load(find_config_file(path)))
-    cli = parse_overrides(overrides)
-    layers.append(cli)
+        layers.append(read_config_file(find_config_file(path)))
     try:
+        cli = parse_overrides(overrides)
+        layers.append(cli)
         raw = OmegaConf.merge(*layers) if layers else OmegaConf.create()
         raw_dict = OmegaConf.to_container(raw, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read the configuration: {e}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the configuration: {_first_line(e)}") from None
     _check_keys(raw_dict, RunConfig, "")
     _wrap_single_values(raw_dict, RunConfig)
     base = RunConfig()
@@ -102,12 +132,43 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             base.optim.weight_decay = PRESET_WEIGHT_DECAY[preset]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(raw_dict))
+        cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"bad value for config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
+        key = getattr(e, "full_key", None)
+        where = f"for config key {key!r}" if key else "in the configuration"
+        raise ConfigError(f"bad value {where}: {_first_line(e)} (`--help` lists every key with its default)") from None
     validate(cfg)
     return cfg
+
+
+def read_config_file(path: Path) -> DictConfig:
+    """A YAML config file as a mapping of sections; a file that is not one is a ConfigError saying where and why."""
+    try:
+        loaded = OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file: give a YAML file (e.g. configs/nest_tiny.yaml)") \
+            from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): the keys of a section are "
+                          f"indented alike, one `key: value` a line") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except OmegaConfBaseException as e:  # YAML that OmegaConf cannot hold, e.g. a key that is not a name
+        raise ConfigError(f"config file {path} is not a configuration ({_first_line(e)}): one `key: value` a line, "
+                          f"under the sections data:, model:, optim:, trainer:") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} holds a YAML list, not a mapping of sections (data:, model:, optim:, "
+                          f"trainer:)")
+    return loaded
+
+
+def _first_line(e: BaseException) -> str:
+    """The message of an OmegaConf or YAML error without the lines of context it appends."""
+    text = getattr(e, "msg", None) or str(e)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(e).__name__
 
 
 def _model_from_checkpoint(base: RunConfig, raw: dict, cli_model: dict) -> dict:

@@ -42,7 +42,8 @@ class TrainerConfig:
     keep_last: int = 5  # step checkpoints kept besides last.ckpt and best.ckpt (-1: all)
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     enable_progress_bar: bool = True  # tqdm progress bar with loss and audio seconds per second
-    sync_batchnorm: bool = True  # SyncBatchNorm across GPUs under DDP (CUDA only)
+    sync_batchnorm: bool = True  # BatchNorm statistics over all ranks' batches under DDP (any accelerator)
+    ddp_timeout_minutes: float = 30.0  # how long a collective waits for the other ranks before the run fails
     logger: str = "tensorboard"  # tensorboard | wandb (pip install '.[wandb]')
     wandb_project: Optional[str] = None  # W&B project (default: nest)
 

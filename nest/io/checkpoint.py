@@ -84,7 +84,7 @@ _COMPUTE_KEYS = {
                      "log_zero_guard_value", "pad_to"),
     "encoder": ("n_layers", "d_model", "n_heads", "subsampling_factor", "subsampling_conv_channels",
                 "ff_expansion_factor", "conv_kernel_size", "conv_norm_type", "xscaling", "untie_biases", "use_bias"),
-    "quantizer": ("num_classes", "num_books", "code_dim", "dist_fn"),
+    "quantizer": ("num_classes", "num_books", "code_dim", "dist_fn", "norm"),
 }
 
 

@@ -388,6 +388,9 @@ def _nest_sections(cfg: ModelConfig) -> dict:
     if cfg.targets != "random_projection":
         raise CheckpointError(f"model.targets={cfg.targets} cannot be exported to NeMo: its NEST model has no "
                               f"k-means targets (export the encoder with --format hf, or fine-tune from ours)")
+    if q.norm != "none":
+        raise CheckpointError(f"model.quantizer.norm={q.norm} cannot be exported to NeMo: NeMo 3.0.0's quantizer has "
+                              f"no norm (export the encoder with --format hf, or fine-tune from ours)")
     # post_conv: the config as NeMo's constructor rewrites it before saving (see model_config_from_nemo).
     feat_in = enc.d_model if post_conv else cfg.preprocessor.features
     combine = 1 if post_conv else enc.subsampling_factor
@@ -420,6 +423,9 @@ _CONTRASTIVE_DEFAULTS = {"prob_ppl_weight": 0.1, "logit_temp": 0.1, "reduce": "s
 
 def _w2vbert_sections(cfg: ModelConfig) -> dict:
     w, d_model, factor = cfg.w2vbert, cfg.encoder.d_model, cfg.encoder.subsampling_factor
+    if w.quantizer_norm != "none":
+        raise CheckpointError(f"model.w2vbert.quantizer_norm={w.quantizer_norm} cannot be exported to NeMo: NeMo "
+                              f"3.0.0's Gumbel quantizer has no norm (export the encoder with --format hf)")
     contrastive = {
         "is_active": True,
         "decoder": {"_target_": _MODULES + "ConvASRDecoderReconstruction", "feat_in": d_model,

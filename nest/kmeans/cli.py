@@ -18,7 +18,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from cuts.io import one_line
+from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable
+from cuts.workers import Terminated, sigterm_raises
 from nest.errors import ConfigError, FeatureError
 from nest.kmeans.label import run_kmeans
 
@@ -63,9 +66,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = cmd_kmeans(args)
-    except (FeatureError, ConfigError, NothingUsable, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with sigterm_raises():
+            summary = cmd_kmeans(args)
+    except (FeatureError, ConfigError, NothingUsable, FolderBusy, OSError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as e:
+        print(f"kmeans: {e or 'interrupted'}; its output folder is left as it was before", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     print(json.dumps(summary, indent=1))
     return 0

@@ -2,7 +2,6 @@
 sample, and a saved fit (kmeans.pt) read back as data."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,14 +57,6 @@ def mean_inertia(x: np.ndarray, centroids: torch.Tensor, chunk: int = 65536) -> 
     total = sum(float(assign(torch.from_numpy(x[i: i + chunk]), centroids)[1].double().sum())
                 for i in range(0, len(x), chunk))
     return total / max(len(x), 1)
-
-
-def in_sample(cut_id: str, seed: int, fraction: float) -> bool:
-    """Whether a cut is in the fit sample: a seeded hash of its id, the same for any order or --jobs."""
-    if fraction >= 1.0:
-        return True
-    h = hashlib.blake2b(f"{seed}:{cut_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 
 def load_kmeans(path: str | Path) -> tuple[torch.Tensor, FeatureRecipe, dict]:

@@ -8,7 +8,6 @@ import os
 import time
 import urllib.parse
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -16,16 +15,20 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from lhotse import CutSet
+from lhotse.cut import Cut
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
 from cuts.io import atomic_write, sha256_file, write_text
+from cuts.lock import folder_lock
 from cuts.prepare import DUPLICATE, UNREADABLE, Rejection, SetWriter, finish
+from cuts.sources import manifest_cuts
+from cuts.workers import process_pool
 from nest.config.load import load_model_config, open_manifest
 from nest.errors import FeatureError
 from nest.kmeans.features import FeatureRecipe, Featurizer, encoder_recipe, mfcc_recipe
-from nest.kmeans.fit import KMeansOptions, assign, fit_kmeans, in_sample, load_kmeans, mean_inertia
+from nest.kmeans.fit import KMeansOptions, assign, fit_kmeans, load_kmeans, mean_inertia
+from nest.kmeans.sample import fit_sample
 
 log = logging.getLogger(__name__)
 CHUNK = 8  # cuts per task sent to a worker process
@@ -92,7 +95,7 @@ def map_cuts(fn: Callable, cuts: Iterable, jobs: int, init_args: tuple) -> Itera
         for chunk in chunked(cuts, CHUNK):
             yield from zip(chunk, fn(chunk))
         return
-    with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(*init_args, 1)) as pool:
+    with process_pool(jobs, _init_worker, (*init_args, 1)) as pool:
         window: deque = deque()
         for chunk in chunked(cuts, CHUNK):
             window.append((chunk, pool.submit(fn, chunk)))
@@ -145,38 +148,50 @@ def run_kmeans(
     else:
         if not 0.0 < sample_fraction <= 1.0:
             raise FeatureError(f"--sample-fraction {sample_fraction} must lie in (0, 1]")
+        if clusters is not None and clusters < 1:
+            raise FeatureError(f"--clusters {clusters}: give at least 1")
         recipe = encoder_recipe(checkpoint, layer) if features == "encoder" else \
             mfcc_recipe(load_model_config(config) if config else None) if features == "mfcc" else None
         if recipe is None:
             raise FeatureError(f"--features {features!r}: use mfcc or encoder")
-        sampled = (c for c in cuts if in_sample(c.id, seed, sample_fraction))
-        parts = [f for _, f in map_cuts(_features_of, tqdm(sampled, desc="k-means sample"), jobs,
-                                        (recipe.to_dict(), None, device)) if f is not None and len(f)]
-        if not parts:
-            raise FeatureError(f"no frames in the fit sample of {cuts_path}: raise --sample-fraction "
-                               f"(now {sample_fraction}) or check rejected audio")
-        x = np.concatenate(parts)  # (N, D)
-        del parts
-        log.info("fitting %d clusters on %d frames x %d dims", clusters or 100, *x.shape)
-        found, progress = fit_kmeans(x, clusters or 100, seed, options, threads=jobs)
-        centroids = torch.from_numpy(found)
-        fit = {"seed": seed, "sample_fraction": sample_fraction, "sample_frames": len(x), **progress,
-               "sample_inertia": mean_inertia(x, centroids),
-               "options": asdict(options)}
-        del x
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = label_cuts(cuts, cuts_path, out_dir, recipe, centroids, jobs, device)
-    # After the labels: a run that fails on the way leaves the previous fit, labels and manifest together.
-    with atomic_write(out_dir / "kmeans.pt", binary=True) as f:
-        torch.save({"centroids": centroids, "recipe": recipe.to_dict(), "num_classes": len(centroids), "fit": fit}, f)
-    summary.update(features=recipe.kind, layer=recipe.layer, checkpoint=recipe.checkpoint,
-                   labels_per_token=recipe.labels_per_token, fit=fit)
-    write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    with folder_lock(out_dir):  # one run per folder, from the fit on (a second one refuses, naming this one)
+        if not model_path:
+            x, sample = fit_sample(lambda: read_cuts(cuts_path, IGNORE),
+                                   lambda c: map_cuts(_features_of, c, jobs, (recipe.to_dict(), None, device)),
+                                   seed=seed, fraction=sample_fraction, clusters=clusters or 100, what=str(cuts_path))
+            log.info("fitting %d clusters on %d frames x %d dims", clusters or 100, *x.shape)
+            found, progress = fit_kmeans(x, clusters or 100, seed, options, threads=jobs)
+            centroids = torch.from_numpy(found)
+            fit = {"seed": seed, **sample, **progress, "sample_inertia": mean_inertia(x, centroids),
+                   "options": asdict(options)}
+            del x
+        summary = label_cuts(cuts_path, out_dir, recipe, centroids, jobs, device)
+        # After the labels: a run that fails on the way leaves the previous fit, labels and manifest together.
+        with atomic_write(out_dir / "kmeans.pt", binary=True) as f:
+            torch.save({"centroids": centroids, "recipe": recipe.to_dict(), "num_classes": len(centroids), "fit": fit}, f)
+        summary.update(features=recipe.kind, layer=recipe.layer, checkpoint=recipe.checkpoint,
+                       labels_per_token=recipe.labels_per_token, fit=fit)
+        write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
-def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureRecipe, centroids: torch.Tensor,
-               jobs: int, device: str) -> dict:
+class _Ignore:
+    """Where the fit sample's pass sends bad lines: the labelling pass reads them again and lists them."""
+
+    def reject(self, rejection: Rejection) -> None:
+        pass
+
+
+IGNORE = _Ignore()
+
+
+def read_cuts(cuts_path: Path, writer) -> Iterator[Cut]:
+    """The cuts of the manifest; a line that is no usable cut goes to ``writer.reject`` (and rejected.jsonl)."""
+    return (cut for _, cut in manifest_cuts([cuts_path], "first", writer))
+
+
+def label_cuts(cuts_path: Path, out_dir: Path, recipe: FeatureRecipe, centroids: torch.Tensor, jobs: int,
+               device: str) -> dict:
     """Label every cut (streamed) into OUT_DIR; a cut whose audio fails is listed in rejected.jsonl."""
     K = len(centroids)
     dtype = np.int16 if K < 2**15 else np.int32
@@ -186,7 +201,7 @@ def label_cuts(cuts: CutSet, cuts_path: Path, out_dir: Path, recipe: FeatureReci
     h5 = (out_dir / f"targets-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.h5").resolve()
     try:
         with SetWriter(out_dir) as writer, NumpyHdf5Writer(h5) as arrays:
-            results = map_cuts(_labels_of, cuts, jobs, (recipe.to_dict(), centroids, device))
+            results = map_cuts(_labels_of, read_cuts(cuts_path, writer), jobs, (recipe.to_dict(), centroids, device))
             for cut, result in tqdm(results, desc="k-means labels"):
                 source = str(cut.recording.sources[0].source) if cut.has_recording else cut.id
                 if result[0] is None:

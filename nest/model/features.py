@@ -7,6 +7,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from nest.model.precision import exact_float32
 
 
 @dataclass
@@ -32,7 +33,8 @@ def lengths_to_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
 class MelFeatures(nn.Module):
     """Waveforms (B, T) at ``sample_rate`` -> normalized log-mel (B, features, frames), frame lengths.
 
-    Always computed in float32, also under autocast: the power spectrum overflows half precision.
+    Always computed in float32 (exact_float32: no autocast, no TF32): the power spectrum overflows half
+    precision, and the targets are computed from these features.
     """
 
     def __init__(self, cfg: PreprocessorConfig):
@@ -53,14 +55,15 @@ class MelFeatures(nn.Module):
                 norm="slaney",
                 mel_scale="slaney",
             )  # (F, M)
-        self.register_buffer("fb", fb.T.contiguous(), persistent=False)  # (M, F)
+        # On the device the module is built on (the window's), the meta device included.
+        self.register_buffer("fb", fb.T.contiguous().to(self.window.device), persistent=False)  # (M, F)
 
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Valid frames for a number of samples (centered STFT, NeMo's get_seq_len)."""
         return torch.div(num_samples, self.hop_length, rounding_mode="floor").long()
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(audio.device.type, enabled=False), torch.no_grad():
+        with exact_float32(audio.device.type), torch.no_grad():
             return self._forward(audio.float(), audio_lens)
 
     def _forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

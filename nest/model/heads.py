@@ -38,12 +38,26 @@ class ContrastiveDecoder(nn.Module):
         return self.decoder_layers(encoded).transpose(1, 2)
 
 
-def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks; one
-    scatter for all codebooks, -1 (no label) left out."""
+def code_counts(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Histogram (N, C) of the tokens (B, T', N) over ``valid`` (B, T') steps; one scatter for all codebooks,
+    -1 (no label) left out."""
     flat = tokens.reshape(-1, tokens.shape[-1]).T  # (N, B*T')
     weights = (torch.ones_like(tokens[..., 0]) if valid is None else valid).reshape(1, -1).float().expand_as(flat)
     weights = weights * (flat >= 0)
-    counts = torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat.clamp(min=0), weights)
+    return torch.zeros(flat.shape[0], num_classes, device=tokens.device).scatter_add_(1, flat.clamp(min=0), weights)
+
+
+def counts_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of histograms (N, C), mean over codebooks."""
     p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
     return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
+
+
+def codebook_perplexity(tokens: torch.Tensor, num_classes: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(entropy) of the token histogram (B, T', N) over ``valid`` (B, T') steps, mean over codebooks."""
+    return counts_perplexity(code_counts(tokens, num_classes, valid))
+
+
+def codes_used(counts: torch.Tensor) -> torch.Tensor:
+    """Share of the C codes of histograms (N, C) that occur at least once, mean over codebooks."""
+    return (counts > 0).float().mean()

@@ -46,6 +46,11 @@ class EncoderModel(nn.Module):
         """Scalar tensors of one forward pass for logging steps, computed on the device."""
         raise NotImplementedError
 
+    def has_loss(self, out) -> torch.Tensor:
+        """() bool on the device: whether ``out.loss`` has a term at all. A batch with nothing masked has none: its
+        loss of 0 measures nothing and stays out of the logged mean."""
+        return torch.ones((), dtype=torch.bool, device=out.loss.device)
+
     @torch.no_grad()
     def encode(
         self, audio: torch.Tensor, audio_lens: torch.Tensor, return_layers: bool = False

@@ -31,6 +31,9 @@ class W2vBertConfig:
     quantizer_temp_start: float = 2.0  # Gumbel softmax temperature at step 0
     quantizer_temp_min: float = 0.5  # lowest Gumbel temperature
     quantizer_temp_decay: float = 0.999995  # temperature = max(start * decay ** step, min)
+    quantizer_weight_std: float = 1.0  # init std of the quantizer's projection (NeMo's 1.0: logits of std ~25 on
+    # 8 stacked normalized mel frames, a saturated softmax; 1 / sqrt(features * subsampling_factor): std ~1)
+    quantizer_norm: str = "none"  # none (NeMo) | layer: LayerNorm (no affine) of each stacked step before projecting
     mask_threshold: float = 0.8  # a step counts as masked when more of its features are masked
     contrastive_alpha: float = 1.0  # weight of the contrastive loss in the total
     mlm: bool = True  # also predict the quantizer's ids at masked steps (needs quantized_targets)
@@ -82,6 +85,8 @@ def validate_w2vbert(w: W2vBertConfig, features: int) -> None:
         raise ConfigError(f"{key}logit_temp must be positive")
     if not 0 < w.quantizer_temp_min <= w.quantizer_temp_start or not 0 < w.quantizer_temp_decay <= 1:
         raise ConfigError(f"{key}quantizer_temp_*: need 0 < min <= start and 0 < decay <= 1")
+    if w.quantizer_weight_std <= 0 or w.quantizer_norm not in ("none", "layer"):
+        raise ConfigError(f"{key}quantizer_weight_std must be positive and quantizer_norm none or layer")
     if not 0 <= w.mask_threshold < 1:
         raise ConfigError(f"{key}mask_threshold must be in [0, 1)")
     if min(w.contrastive_alpha, w.mlm_alpha, w.prob_ppl_weight, w.multiplier) < 0 or w.mlm_start_step < 0:

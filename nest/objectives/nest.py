@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 
 from nest.model.features import lengths_to_mask
-from nest.model.heads import MultiSoftmaxDecoder, codebook_perplexity
+from nest.model.heads import MultiSoftmaxDecoder, code_counts, codebook_perplexity, codes_used
 from nest.model.masking import RandomBlockMasking
+from nest.model.precision import exact_float32
 from nest.model.quantizer import RandomProjectionQuantizer
 from nest.objectives.base import EncoderModel
 
@@ -73,6 +74,9 @@ class NestModel(EncoderModel):
             # Frozen here, which is the same and keeps DDP free of parameters without gradients.
             self.encoder.pre_encode.requires_grad_(False)
         self.decoder = MultiSoftmaxDecoder(enc.d_model, q.num_classes, q.num_books, cfg.decoder_use_bias)
+        # Target histogram (N, C) of the training steps since the last metrics(): not a buffer, so that it
+        # is neither saved nor broadcast by DDP; on the device, read without a sync.
+        self.window_counts: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -97,7 +101,9 @@ class NestModel(EncoderModel):
         noisy_feats, noisy_lens = self.preprocessor(noisy_audio, noisy_audio_lens)
         if self.post_conv:
             if targets is None:
-                with torch.no_grad():
+                # The targets' inputs in float32 as the features and the quantizer are, not in the training
+                # precision (bf16 autocast changed 0.8% of NEST-L's tokens; cuDNN convolutions are TF32 by default).
+                with torch.no_grad(), exact_float32(feats.device.type):
                     clean, _ = self.encoder.pre_encode(feats.transpose(1, 2), feat_lens)  # (B, T', D)
                 tokens = self.quantizer(clean.transpose(1, 2))
             x, mask_lens = self.encoder.pre_encode(noisy_feats.transpose(1, 2), noisy_lens)
@@ -123,7 +129,14 @@ class NestModel(EncoderModel):
         log_probs = self.decoder(encoded)
         token_mask = token_mask_from_frames(frame_mask, combine, self.cfg.mask_threshold)
         loss = masked_token_loss(log_probs, tokens, token_mask)
+        if self.training:
+            counts = code_counts(tokens, self.cfg.quantizer.num_classes, lengths_to_mask(encoded_lens, tokens.shape[1]))
+            self.window_counts = counts if self.window_counts is None else self.window_counts + counts
         return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss, mask_lens)
+
+    def has_loss(self, out: NestOutput) -> torch.Tensor:
+        T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
+        return (out.token_mask[:, :T, None] & (out.tokens[:, :T] >= 0)).any()
 
     @torch.no_grad()
     def metrics(self, out: NestOutput) -> dict[str, torch.Tensor]:
@@ -131,7 +144,9 @@ class NestModel(EncoderModel):
 
         masked_accuracy: share of masked tokens (all codebooks) predicted right; target_perplexity:
         exp(entropy) of the target tokens of valid frames, averaged over codebooks (codes in use);
-        masked_fraction: share of valid frames masked. No host-device synchronisation.
+        masked_fraction: share of valid frames masked; in training, codes_used: share of the codes (mean over
+        codebooks) that were targets of a valid frame in any training step since the last call (the logging
+        window of this rank). No host-device synchronisation.
         """
         T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
         tokens = out.tokens[:, :T]  # (B, T', N)
@@ -141,6 +156,9 @@ class NestModel(EncoderModel):
         valid = lengths_to_mask(out.encoded_lens, tokens.shape[1])  # (B, T')
         perplexity = codebook_perplexity(tokens, self.cfg.quantizer.num_classes, valid)
         metrics = {"masked_accuracy": accuracy, "target_perplexity": perplexity}
+        if self.training and self.window_counts is not None:
+            metrics["codes_used"] = codes_used(self.window_counts)
+            self.window_counts = None  # the next window starts
         if out.mask_lens is not None:
             frames = lengths_to_mask(out.mask_lens, out.frame_mask.shape[1])
             metrics["masked_fraction"] = (out.frame_mask & frames).sum() / frames.sum().clamp(min=1)

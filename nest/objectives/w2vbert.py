@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nest.model.features import lengths_to_mask
-from nest.model.heads import ContrastiveDecoder, MultiSoftmaxDecoder, codebook_perplexity
+from nest.model.heads import ContrastiveDecoder, MultiSoftmaxDecoder, code_counts, codes_used, counts_perplexity
 from nest.objectives.base import EncoderModel
 from nest.objectives.w2vbert_loss import (
     GumbelVectorQuantizer,
@@ -102,7 +102,7 @@ class W2vBertModel(EncoderModel):
         if w.quantized_targets:
             temp = (w.quantizer_temp_start, w.quantizer_temp_min, w.quantizer_temp_decay)
             self.quantizer = GumbelVectorQuantizer(feat_in * self.combine, w.codebook_size, w.num_groups,
-                                                   w.decoder_out, temp)
+                                                   w.decoder_out, temp, w.quantizer_weight_std, w.quantizer_norm)
         else:
             self.target_proj = nn.Linear(feat_in * self.combine, w.decoder_out)
         if w.mlm:
@@ -187,6 +187,9 @@ class W2vBertModel(EncoderModel):
                     decoder_out=decoder_out, logits=logits, target_ids=target_ids, codes=codes,
                     mlm_log_probs=mlm_log_probs, step_mask=step_mask)
 
+    def has_loss(self, out: W2vBertOutput) -> torch.Tensor:
+        return out.step_mask.any()
+
     @torch.no_grad()
     def metrics(self, out: W2vBertOutput) -> dict[str, torch.Tensor]:
         """Scalars for logging (computed on the device, no sync): loss parts, accuracies, codebook use."""
@@ -203,8 +206,10 @@ class W2vBertModel(EncoderModel):
         if out.codes is not None:
             V = self.cfg.w2vbert.codebook_size
             m["prob_ppl"] = out.prob_ppl.detach()
-            m["codebook_perplexity"] = codebook_perplexity(out.codes, V, valid)
-            m["gumbel_temperature"] = torch.tensor(self.quantizer.curr_temp)
+            counts = code_counts(out.codes, V, valid)  # (G, V) argmax codes of this batch's valid steps
+            m["codebook_perplexity"] = counts_perplexity(counts)
+            m["codes_used"] = codes_used(counts)
+            m["gumbel_temperature"] = torch.full((), self.quantizer.curr_temp, device=mask.device)  # no host copy
         if out.mlm_log_probs is not None:
             m["mlm_accuracy"] = ((out.mlm_log_probs.argmax(-1) == out.target_ids) & mask).sum() / n
         return m

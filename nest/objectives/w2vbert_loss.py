@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nest.model.precision import autocast_off
+
 
 class GumbelVectorQuantizer(nn.Module):
     """Stacked feature steps (B, T', dim) -> quantized vectors (B, T', vq_dim), ids, diversity penalty.
@@ -21,15 +23,17 @@ class GumbelVectorQuantizer(nn.Module):
     NeMo's GumbelVectorQuantizer with ``combine_groups=True`` (one codebook of ``num_vars`` vectors of
     ``vq_dim / groups`` shared by the groups), ``time_first=True`` and a single projection layer. In
     training the codewords are Gumbel-softmax samples (hard, straight-through) at temperature
-    ``curr_temp``; in eval the argmax. Always computed in float32, also under autocast.
+    ``curr_temp``; in eval the argmax. Always computed in float32, also under autocast. ``weight_std`` (NeMo:
+    1.0) and ``norm`` (``"layer"``: a LayerNorm without affine on each input step; NeMo: ``"none"``) are ours.
     """
 
-    def __init__(self, dim: int, num_vars: int, groups: int, vq_dim: int, temp: tuple[float, float, float]):
+    def __init__(self, dim: int, num_vars: int, groups: int, vq_dim: int, temp: tuple[float, float, float],
+                 weight_std: float = 1.0, norm: str = "none"):
         super().__init__()
-        self.num_vars, self.groups = num_vars, groups
+        self.num_vars, self.groups, self.norm = num_vars, groups, norm
         self.vars = nn.Parameter(torch.empty(1, num_vars, vq_dim // groups).uniform_())  # (1, V, d)
         self.weight_proj = nn.Linear(dim, groups * num_vars)
-        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=weight_std)
         nn.init.zeros_(self.weight_proj.bias)
         self.max_temp, self.min_temp, self.temp_decay = temp
         self.curr_temp = self.max_temp
@@ -43,8 +47,9 @@ class GumbelVectorQuantizer(nn.Module):
         (B, T', G; the Gumbel samples in training), diversity penalty (scalar, NeMo's quantize_prob_ppl)."""
         B, T, _ = x.shape
         G, V = self.groups, self.num_vars
-        with torch.autocast(x.device.type, enabled=False):
-            logits = self.weight_proj(x.float()).view(B * T, G, V)
+        with autocast_off(x.device.type):
+            x = F.layer_norm(x.float(), x.shape[-1:]) if self.norm == "layer" else x.float()
+            logits = self.weight_proj(x).view(B * T, G, V)
             codes = logits.argmax(-1)  # (B*T', G)
             # Over every step of the batch, padding included, as NeMo computes it.
             avg_probs = torch.softmax(logits, dim=-1).mean(dim=0)  # (G, V)
@@ -139,7 +144,7 @@ def contrastive_logits(
     negatives identical to the positive.
     """
     B, T, K = negatives.shape
-    with torch.autocast(outputs.device.type, enabled=False):
+    with autocast_off(outputs.device.type):
         out = F.normalize(outputs.float(), dim=-1, eps=1e-8)
         tgt = F.normalize(targets.float(), dim=-1, eps=1e-8)
         sim = torch.bmm(out, tgt.transpose(1, 2)) / logit_temp  # (B, T' query, T' target)

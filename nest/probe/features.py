@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import urllib.parse
 import zipfile
@@ -141,7 +142,12 @@ def load_source(spec: str, seed: int) -> nn.Module:
 def label_of(cut: Cut, key: str) -> Optional[str]:
     """The label ``key`` of a cut: its first supervision's field or custom key, else the cut's custom key;
     ``folder:N``: the N-th folder of the cut's id (``prepare.py audio-dir`` makes ids from paths, so
-    ``folder:-1`` of ``sessionA/spk1/001`` is the speaker folder ``spk1``)."""
+    ``folder:-1`` of ``sessionA/spk1/001`` is the speaker folder ``spk1``); ``re:REGEX``: the first group of
+    the regular expression searched in the cut's id (the whole match without a group), e.g. ``re:^(\\d)_``
+    for the digit of ``7_george_12``."""
+    if key.startswith("re:"):
+        match = id_pattern(key).search(cut.id)
+        return None if match is None else match.group(1 if match.re.groups else 0)
     if key.startswith("folder:"):
         folders = cut.id.split("/")[:-1]
         try:
@@ -161,6 +167,15 @@ def label_of(cut: Cut, key: str) -> Optional[str]:
     return None if value is None else str(value)
 
 
+def id_pattern(key: str) -> re.Pattern:
+    """The compiled regular expression of a ``re:REGEX`` label (re caches compiled patterns)."""
+    try:
+        return re.compile(key[len("re:"):])
+    except re.error as e:
+        raise ProbeError(f"--label {key}: not a regular expression ({e}); e.g. --label 're:^(\\d)_' takes the "
+                         f"digit that starts the cut id") from None
+
+
 def available_keys(cut: Cut) -> list[str]:
     """The label fields a cut has, for the message of a missing one."""
     keys = set((getattr(cut, "custom", None) or {}).keys())
@@ -173,8 +188,13 @@ def available_keys(cut: Cut) -> list[str]:
 def read_labels(cuts: CutSet, key: str, where: str) -> dict[str, str]:
     """Cut id -> label, reading the manifest only (no audio): bad labels fail before any encoder runs."""
     labels = {}
+    if key.startswith("re:"):
+        id_pattern(key)  # a bad expression is named before any cut is read
     for cut in cuts:
         label = label_of(cut, key)
+        if label is None and key.startswith("re:"):
+            raise ProbeError(f"{where}: the id of cut {cut.id} does not match --label {key}: fix the expression, "
+                             f"or filter the cuts it should not see")
         if label is None:
             raise ProbeError(
                 f"{where}: cut {cut.id} has no label {key!r} (looked at its first supervision's fields and "

@@ -15,9 +15,10 @@ pooling each layer first and weighting after gives the vector that weighting fra
 encoder runs once per cut, and the epochs run on (L, D) vectors.
 
 Labels come from the first supervision (``speaker``, ``language``, ``text``, ``gender`` or a custom key),
-from a custom key of the cut, or from the folders of its id (``folder:N``: a corpus laid out
-``spk/utt.wav`` gives speakers with ``folder:-1``). Prints one JSON object and writes OUT/probe.json and OUT/probe.png
-(layer weights and the dev confusion matrix). ``--cache DIR`` keeps the frame-level features as Lhotse
+from a custom key of the cut, from the folders of its id (``folder:N``: a corpus laid out
+``spk/utt.wav`` gives speakers with ``folder:-1``), or from a regular expression over its id (``re:REGEX``,
+its first group: ``re:^(\\d)_`` gives the digit of ``7_george_12``). Prints one JSON object and writes
+OUT/probe.json and OUT/probe.png (layer weights and the dev confusion matrix). ``--cache DIR`` keeps the frame-level features as Lhotse
 arrays (the layout of ``nest.extract --format lhotse``) keyed by checkpoint, cuts and layers, so that
 other seeds, epochs or heads on the same features never run the encoder again.
 """
@@ -32,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from cuts.io import one_line
 from nest.errors import ProbeError
 from nest.config.load import open_manifest
 from nest.probe.features import CKPT_KINDS, features_for, read_labels
@@ -80,8 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("ckpt", help=CKPT_KINDS)
     ap.add_argument("--train", required=True, help="CutSet manifest (or Shar folder) the head trains on")
     ap.add_argument("--dev", required=True, help="CutSet manifest (or Shar folder) the head is scored on")
-    ap.add_argument("--label", required=True, help="speaker, language, text, gender, a custom key, or folder:N (the "
-                    "N-th folder of the cut id, e.g. folder:-1 for spk1 of sessionA/spk1/001)")
+    ap.add_argument("--label", required=True, help="speaker, language, text, gender, a custom key, folder:N (the "
+                    "N-th folder of the cut id, e.g. folder:-1 for spk1 of sessionA/spk1/001) or re:REGEX (the first "
+                    "group of REGEX searched in the cut id, e.g. 're:^(\\d)_' for the 7 of 7_george_12)")
     ap.add_argument("--layers", default="all", help="all, or comma-separated layer indices (negative from the end)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0, help="head, shuffling and, for random:, the encoder's weights")
@@ -97,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_probe(args.ckpt, args.train, args.dev, args.label, args.layers, args.epochs, args.seed,
                            args.cache, args.out, args.batch_size, lr=args.lr, hidden=args.hidden, device=args.device)
     except ProbeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     result.pop("confusion")
     print(json.dumps(result))

@@ -1,12 +1,14 @@
 """Every use of Lightning's private API, each with why. Checked against pytorch-lightning 2.6.6; on an upgrade,
 read these against Lightning's source again (tests/training cover each: logging cadence, SIGTERM broadcast on
-logging steps, the step checkpoint's last step)."""
+logging steps, the loggers' step, the step checkpoint's last step, the DDP options)."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Callable
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 
 
 def should_log(trainer: pl.Trainer) -> bool:
@@ -35,7 +37,26 @@ def broadcast_sigterm_on_logging_steps(trainer: pl.Trainer, is_logging_step: Cal
     loop._broadcast_sigterm_tensor = on_logging_steps
 
 
+def log_numbers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Python numbers to every logger, at the step Lightning's own logging would use for values logged in this
+    training step (``_LoggerConnector.log_metrics`` with no step: ``_batches_that_stepped``, with ``epoch``
+    added), without ``LightningModule.log``'s tensor per value and ``.item()`` per value."""
+    trainer._logger_connector.log_metrics(metrics)
+
+
 def last_step_saved(checkpoint: ModelCheckpoint) -> int:
     """The global step of ``checkpoint``'s last save (``ModelCheckpoint._last_global_step_saved``): with
     ``save_last=True`` it also wrote last.ckpt then, which the end-of-training save must not repeat."""
     return getattr(checkpoint, "_last_global_step_saved", -1)
+
+
+def configure_ddp(trainer: pl.Trainer, timeout: timedelta, **ddp_kwargs) -> None:
+    """Options of the DistributedDataParallel wrapper and the process group's timeout, whichever DDP strategy
+    Lightning chose (``auto`` on several devices, ``ddp`` or a registered alias such as
+    ``ddp_find_unused_parameters_true``): ``DDPStrategy`` keeps them in ``_ddp_kwargs`` (passed to
+    DistributedDataParallel in ``_setup_model``) and ``_timeout`` (read by ``setup_distributed``), both used
+    only once ``fit`` starts. Other strategies are left as they are."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs.update(ddp_kwargs)
+        strategy._timeout = timeout

@@ -1,8 +1,9 @@
 """The run's numbers: totals of the whole run, this rank's counts, the logging window; reduced by name in one place.
 
-Host counts (audio seconds, cuts, failures, data wait) cost nothing to keep; the loss sums stay on the device.
-They cross ranks only at logging steps and when a checkpoint is written: one all-reduce and one read on the
-host each time (``reduce``).
+Host counts (audio seconds, cuts, failures, data wait) cost nothing to keep; the loss sums and the objective's
+metrics stay on the device. They cross ranks only at logging steps and when a checkpoint is written: one
+all-reduce and one read on the host each time (``reduce``), the only device-to-host copy of a logging step
+(the loggers get Python numbers, never a tensor to read back).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class Window(Counts):
 class LogWindow:
     """One logging step's numbers, over all ranks."""
 
-    metrics: dict[str, float]  # train/* as logged
+    metrics: dict[str, float]  # train/* as logged, Python numbers
     mean_loss: Optional[float]
     new_skips: int  # steps skipped since the previous logging step
     consecutive: int  # skipped steps in a row, up to now
@@ -74,10 +75,14 @@ class LogWindow:
 
 
 def reduce(device: torch.device, host: dict[str, float], on_device: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum each named value over ranks: one all-reduce, one read on the host."""
-    values = [torch.tensor(list(host.values()), dtype=torch.float64, device=device)]
+    """Sum each named value over ranks: one all-reduce, one read on the host.
+
+    The host numbers reach a CUDA device from pinned memory without blocking (a pageable copy would wait for
+    the device), so the read at the end is the one wait."""
+    values = torch.tensor(list(host.values()), dtype=torch.float64)
+    values = [values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values.to(device)]
     if on_device:
-        values.insert(0, torch.stack(list(on_device.values())).double())
+        values.insert(0, torch.stack([v.detach().double() for v in on_device.values()]))
     summed = all_reduce_(torch.cat(values)).tolist()
     return dict(zip([*on_device, *host], summed))
 
@@ -145,14 +150,20 @@ class RunMeters:
         t.last_loss = mean
         return mean
 
-    def log(self, device: torch.device, skipped: torch.Tensor, consecutive: torch.Tensor, lr: float) -> LogWindow:
-        """A logging step (all ranks): the window's numbers over all ranks, folded into the totals; a new window."""
+    def log(self, device: torch.device, skipped: torch.Tensor, consecutive: torch.Tensor, lr: float,
+            step_metrics: dict[str, torch.Tensor], weight: float) -> LogWindow:
+        """A logging step (all ranks): the window's numbers over all ranks, folded into the totals; a new window.
+
+        ``step_metrics`` (the objective's scalars of this step, on the device, the same names on every rank) are
+        averaged over the ranks whose batch had ``weight`` 1 (a batch whose cuts all failed has 0)."""
         w, world = self.window, world_size()
         elapsed = max(time.perf_counter() - w.started, 1e-9)
         window = {f"window_{f.name}": getattr(w, f.name) for f in fields(Counts)}
-        host = {**asdict(self.pending), **window, "data_wait": w.data_wait, "batches": w.batches}
+        host = {**asdict(self.pending), **window, "data_wait": w.data_wait, "batches": w.batches,
+                "metrics_weight": weight}
+        metrics_sums = {f"train/{k}": v * weight if weight else torch.zeros_like(v) for k, v in step_metrics.items()}
         # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
-        v = reduce(device, host, {**self._loss, "skipped": skipped, "consecutive": consecutive})
+        v = reduce(device, host, {**self._loss, "skipped": skipped, "consecutive": consecutive, **metrics_sums})
         self._fold(v)
         mean_loss = self._take_loss(v)
         t = self.totals
@@ -167,6 +178,8 @@ class RunMeters:
         }
         if mean_loss is not None:
             metrics["train/loss"] = mean_loss
+        if v["metrics_weight"]:
+            metrics.update({k: v[k] / v["metrics_weight"] for k in metrics_sums})
         self.window = Window()
         self.windows += 1
         batches = int(v["batches"] / world)

@@ -60,7 +60,7 @@ class NestLightningModule(pl.LightningModule):
             self.model.compile_encoder()
 
     def on_train_start(self) -> None:
-        # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
+        # After the strategy's set-up, which may have converted BatchNorm layers to SyncedBatchNorm.
         opt, strategy = self.optimizers(), self.trainer.strategy
         no_sync = strategy.block_backward_sync if isinstance(strategy, ParallelStrategy) else None
         self.guard = GuardedStep(self.model, opt.optimizer, self.lr_schedulers(), self.step_cfg,
@@ -85,24 +85,27 @@ class NestLightningModule(pl.LightningModule):
         batch = batch.prepared(self.trainer.datamodule.noise_bank(self.device) if batch.mix is not None else None)
         done = self.guard(batch, self)
         self.last_loss = done.loss  # (device) read by tests' traces, never by the step
-        self.meters.add_batch(batch, self.model_cfg.preprocessor.sample_rate, done.loss, done.finite, done.weight,
+        # A batch with nothing masked has no loss (its 0 would read as a perfect step in the logged mean).
+        counted = done.finite & self.model.has_loss(done.out)
+        self.meters.add_batch(batch, self.model_cfg.preprocessor.sample_rate, done.loss, counted, done.weight,
                               done.oom_retries)
         # After the optimizer step: a checkpoint taken now resumes after this accumulation window.
         self.trainer.datamodule.batch_done(batch, window_end=done.window_end)
         if self.is_logging_step():
-            self._log_window(done.out)
+            self._log_window(done.out, done.weight)
 
     def on_train_batch_end(self, outputs, batch: AudioNoiseBatch, batch_idx: int) -> None:
         self.meters.batch_end()
 
-    def _log_window(self, out) -> None:
-        """Logging step: one all-reduce of the window's numbers, one read on the host, then the checks."""
+    def _log_window(self, out, weight: float) -> None:
+        """Logging step: one all-reduce of the window's numbers and this step's metrics, one read on the host, then
+        the checks. The loggers get the Python numbers directly: ``self.log`` would turn each into a tensor on the
+        device and read it back, a host sync per number."""
         g = self.guard
-        report = self.meters.log(self.device, g.skipped, g.consecutive, self.lr_schedulers().get_last_lr()[0])
-        metrics = dict(report.metrics)
-        if len(out.encoded_lens):
-            metrics.update({f"train/{k}": v for k, v in self.model.metrics(out).items()})
-        self.log_dict(metrics, batch_size=1)
+        report = self.meters.log(self.device, g.skipped, g.consecutive, self.lr_schedulers().get_last_lr()[0],
+                                 self.model.metrics(out), weight)
+        metrics = report.metrics
+        lightning_private.log_numbers(self.trainer, metrics)
         # Python numbers for the progress bar (nest.training.run's ProgressBar): values logged with prog_bar=True
         # would be read back with .item() by Lightning after every batch, a host sync per step.
         self.progress = {"loss": "n/a" if report.mean_loss is None else f"{report.mean_loss:.3f}",

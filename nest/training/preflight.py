@@ -5,8 +5,10 @@
 2. The sets: data.train_cuts given; each of train, val and noise cuts exists, is a CutSet (or the message names
    the ``nest-prepare`` command that makes one) and holds cuts; k-means labels fit the model (nest.training.sources).
 3. Side files: data.bins and data.bucket_batch_size load.
-4. Checkpoints: resume (``auto``: last.ckpt) and init_from exist.
-5. The experiment folder (rank 0): a new run never writes into another run's; a resumed one keeps its model.
+4. Checkpoints: resume (``auto``: last.ckpt, or a new run with a line saying so) exists and loads; init_from is a
+   file.
+5. The experiment folder (rank 0): a new run never writes into another run's (one without a checkpoint is taken
+   over); a resumed one keeps its model.
 6. The data itself: the sampler makes a batch and the first cuts' audio loads; a warning when cuts would never
    be trained on or the bins look like another corpus's (cuts.feed.DataFeed.preflight).
 
@@ -14,7 +16,9 @@ Every failure is a ConfigError naming the key, the file and the fix, before Ligh
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,8 +31,11 @@ from cuts.sampler import NoBatchError, load_batch_sizes
 from nest.config.checks import KNOWN_ACCELERATORS, KNOWN_STRATEGIES, validate
 from nest.config.load import to_yaml
 from nest.config.schema import RunConfig
-from nest.errors import ConfigError
+from nest.errors import CheckpointError, ConfigError
+from nest.io.torch_file import safe_torch_load
 from nest.training.sources import check_sources
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,10 +60,10 @@ def preflight(cfg: RunConfig) -> StartUp:
         if path:
             try:
                 load(path)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError) as e:  # the loaders' messages name the file, the line and the fix
                 raise ConfigError(f"{key}: {e}") from None
-    if cfg.init_from and not Path(cfg.init_from).is_file():
-        raise ConfigError(f"init_from: {cfg.init_from} does not exist")
+    if cfg.init_from:
+        check_checkpoint_path("init_from", cfg.init_from)
     exp_dir = Path(cfg.exp_dir).resolve()
     resume_from = find_resume(cfg, exp_dir)
     if _global_rank_from_env() == 0:
@@ -85,26 +92,84 @@ def check_trainer_names(cfg: RunConfig) -> None:
             raise ConfigError(f"trainer.{kind}={value!r} is not one of Lightning's: {', '.join(names)}")
 
 
+def check_checkpoint_path(key: str, value: str) -> None:
+    """``value`` names a checkpoint file (a folder or a missing file is a ConfigError saying what to give)."""
+    path = Path(value)
+    if path.is_dir():
+        inside = next((str(p) for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()), None)
+        example = f" such as {inside}" if inside else " (a .ckpt of nest-train, or a NeMo .nemo file)"
+        raise ConfigError(f"{key}: {value} is a folder: give a checkpoint file{example}")
+    if not path.is_file():
+        raise ConfigError(f"{key}: {value} does not exist")
+
+
+def _load_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint ``path`` does not load (read as data, its tensors mapped, not read), or None."""
+    try:
+        safe_torch_load(path, str(path), mmap=True)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _step_checkpoints(folder: Path) -> list[Path]:
+    """The step checkpoints of ``folder``, newest first (by the step in their name: stepNNNNNNNN.ckpt)."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
     """The checkpoint to continue from: ``resume=auto`` takes last.ckpt (the newest: nest.training.saving writes
-    it on a timer, on SIGUSR1 and at the end; Lightning's own hpc_ckpt files are not written)."""
+    it on a timer, on SIGUSR1 and at the end; Lightning's own hpc_ckpt files are not written). A checkpoint that
+    does not load (empty, cut short, damaged) stops the run here, naming the newest step checkpoint that does."""
     if cfg.resume in (None, "", "none"):
         return None
     if cfg.resume == "auto":
-        last = exp_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume: {cfg.resume} does not exist")
+        folder = exp_dir / "checkpoints"
+        last = folder / "last.ckpt"
+        if not last.is_file():
+            log.info("resume=auto: no checkpoint in %s yet: a new run starts at step 0", folder)
+            return None
+        problem = _load_problem(last)
+        if problem:
+            steps = _step_checkpoints(folder)
+            good = next((p for p in steps if _load_problem(p) is None), None)
+            if good:
+                offer = f"the newest step checkpoint that loads is {good}: continue from it with resume={good}"
+            else:
+                none = "no step checkpoint of that folder loads either" if steps else "that folder holds no step checkpoint"
+                offer = f"{none}: start a new run in another exp_dir"
+            raise ConfigError(f"resume=auto: {problem.removesuffix('.')}; {offer}")
+        return str(last)
+    check_checkpoint_path("resume", cfg.resume)
+    problem = _load_problem(Path(cfg.resume))
+    if problem:
+        raise ConfigError(f"resume: {problem}")
     return cfg.resume
 
 
 def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> None:
-    """A new run never writes into another run's folder; a resumed one keeps its model."""
-    used = [p.name for p in (exp_dir / "checkpoints", exp_dir / "config.yaml", exp_dir / "tb")
-            if p.exists() and (p.is_file() or any(p.iterdir()))]
-    if used and cfg.resume in (None, "", "none"):
-        raise ConfigError(f"exp_dir {exp_dir} already holds a run ({', '.join(used)}): continue it with resume=auto, "
+    """A new run never writes into another run's folder; a resumed one keeps its model. A folder whose run
+    stopped before its first checkpoint (config.yaml and tb/ only) holds nothing to continue: a new run starts
+    there, its TensorBoard logs moved aside."""
+    existing = next(p for p in (exp_dir, *exp_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is a file" if existing == exp_dir else f"would be made in {existing}, which " + (
+            "is a file" if not existing.is_dir() else "is not writable")
+        raise ConfigError(f"exp_dir {exp_dir} {what}: give a folder this run can write")
+    ckpts = exp_dir / "checkpoints"
+    has_checkpoint = ckpts.is_dir() and any(ckpts.glob("*.ckpt"))
+    if has_checkpoint and cfg.resume in (None, "", "none"):
+        raise ConfigError(f"exp_dir {exp_dir} already holds a run (checkpoints): continue it with resume=auto, "
                           f"or give another exp_dir")
+    tb = exp_dir / "tb"
+    if not has_checkpoint and tb.is_dir() and any(tb.iterdir()):
+        n = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in exp_dir.glob("tb.no-checkpoint-*")
+                     if p.name.rsplit("-", 1)[1].isdigit()), default=0)
+        aside = tb.rename(exp_dir / f"tb.no-checkpoint-{n}")
+        log.warning("exp_dir %s holds a run that saved no checkpoint: a new run starts there (its TensorBoard logs "
+                    "are moved to %s)", exp_dir, aside)
+        return
     saved = exp_dir / "config.yaml"
     if ckpt_path and saved.is_file():
         before = (yaml.safe_load(saved.read_text()) or {}).get("model", {})

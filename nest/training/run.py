@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -12,8 +13,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins import LayerSync
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from cuts.feed import DataSetupError
 from cuts.io import atomic_write
@@ -22,11 +24,13 @@ from nest.config.load import to_yaml
 from nest.config.schema import RunConfig
 from nest.errors import CheckpointError, ConfigError, DataLoadError, NonFiniteLossError
 from nest.io.checkpoint import config_differences, load_state, load_weights, selected
+from nest.training import lightning_private
 from nest.training.data import NestDataModule
 from nest.training.module import NestLightningModule, make_module
 from nest.training.preflight import preflight
 from nest.training.saving import SaveOnRequest, WindowEndCheckpoint, catch_sigusr1_early
 from nest.training.step import StepOptions
+from nest.training.sync_batchnorm import convert_batchnorm, revert_batchnorm
 
 log = logging.getLogger(__name__)
 # Errors whose message is the whole story for the user: train.py prints it without a traceback.
@@ -87,18 +91,44 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Validation metrics are reduced over ranks by the module itself (one all-reduce per round) before logging.
 warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val")
+# Lightning's own tree helper builds torch's deprecated LeafSpec on every batch (its business, not the user's).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                        module=r"pytorch_lightning\.utilities\._pytree")
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning advertises a cloud logging service at every Trainer (a 'Tip', not about this run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvert())
+
+
+class SyncBatchNormPlugin(LayerSync):
+    """``trainer.sync_batchnorm``: BatchNorm layers become nest.training.sync_batchnorm's SyncedBatchNorm (no
+    host sync, any backend) instead of torch's SyncBatchNorm (Lightning's own ``sync_batchnorm=True``). Lightning
+    applies a LayerSync in every DDP-like strategy (the one ``auto`` picks on several devices included) before the
+    model moves to its device and the optimizer is built, reverts it when fitting ends, and ignores it on one
+    device; with one process the layers compute as BatchNorm."""
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return convert_batchnorm(model)
+
+    def revert(self, model: torch.nn.Module) -> torch.nn.Module:
+        return revert_batchnorm(model)
 
 
 def trainer_options(cfg: RunConfig, cuda: bool) -> dict:
-    """Lightning Trainer arguments that depend on the machine, kept apart so that tests can check them."""
+    """Lightning Trainer arguments that depend on the configuration and the machine, kept apart so that tests
+    can check them: the precision, and the synchronised BatchNorm as a plugin (Lightning's own flag stays off)."""
     t = cfg.trainer
     on_gpu = cuda and t.accelerator in ("auto", "gpu", "cuda")
     if t.accelerator in ("gpu", "cuda") and not cuda:
         raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA device is visible; use cpu or auto")
-    # Lightning applies SyncBatchNorm in every DDP-like strategy, the one `auto` picks on several GPUs included,
-    # and ignores it on one device; PyTorch's SyncBatchNorm needs CUDA, so on CPU the layers stay BatchNorm.
-    return {"precision": t.precision or ("bf16-mixed" if on_gpu else "32-true"),
-            "sync_batchnorm": bool(t.sync_batchnorm and on_gpu)}
+    return {"precision": t.precision or ("bf16-mixed" if on_gpu else "32-true"), "sync_batchnorm": False,
+            "plugins": [SyncBatchNormPlugin()] if t.sync_batchnorm else []}
 
 
 def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
@@ -116,11 +146,12 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     if t.enable_progress_bar:
         # Refreshed on logging steps only: reading the logged values is what waits on the device.
         callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
-    plugins = [AtomicCheckpointIO()]
+    options = trainer_options(cfg, torch.cuda.is_available())
+    plugins = [AtomicCheckpointIO(), *options.pop("plugins")]
     if SLURMEnvironment.detect():  # preemption is SaveOnRequest's (SIGUSR1), not Lightning's handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
-        return pl.Trainer(
+        trainer = pl.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             max_steps=t.max_steps,
             # Lightning counts batches for validation; ours are optimizer steps of A batches each.
@@ -130,11 +161,17 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
             use_distributed_sampler=False,  # lhotse's samplers split the data between ranks themselves
             logger=make_logger(cfg, exp_dir), callbacks=callbacks, plugins=plugins,
-            default_root_dir=str(exp_dir), **trainer_options(cfg, torch.cuda.is_available()),
+            default_root_dir=str(exp_dir), **options,
         )
     except (ValueError, RuntimeError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
         raise ConfigError(f"trainer: {e} (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
                           f"trainer.strategy={t.strategy}, trainer.num_nodes={t.num_nodes})") from None
+    # Buffers are not broadcast from rank 0 before every forward pass: the mel filterbank and window are derived
+    # from the config, BatchNorm statistics are equal on every rank when synchronised (and rank 0's are the ones
+    # saved when not). Gradients live in DDP's all-reduce buckets instead of beside them (one copy less).
+    lightning_private.configure_ddp(trainer, timedelta(minutes=t.ddp_timeout_minutes), broadcast_buffers=False,
+                                    gradient_as_bucket_view=True)
+    return trainer
 
 
 def _clean_error(e: BaseException) -> Optional[BaseException]:
@@ -165,9 +202,13 @@ def train(cfg: RunConfig) -> dict:
         initialize(module, cfg)
     trainer = build_trainer(cfg, exp_dir)
     if trainer.is_global_zero:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(exp_dir / "config.yaml") as f:
-            f.write(to_yaml(cfg))
+        try:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_write(exp_dir / "config.yaml") as f:
+                f.write(to_yaml(cfg))
+        except OSError as e:  # what the preflight's permission check cannot see (read-only mounts, /proc, quotas)
+            raise ConfigError(f"exp_dir {exp_dir}: cannot write there ({e.strerror or e}): give a folder this run "
+                              f"can write") from None
     try:
         trainer.fit(module, datamodule=NestDataModule(start.feed), ckpt_path=ckpt_path)
     except Exception as e:

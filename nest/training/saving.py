@@ -76,7 +76,9 @@ class SaveOnRequest(Callback):
         return max(self.saved_step, last_step_saved(self.step_checkpoint))
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        # The full state (optimizer, loops, data position), as ModelCheckpoint saves it; said explicitly, or Lightning
+        # logs "`weights_only` was not set" at every save. It holds plain data only and loads with weights_only=True.
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         self.saved_step = trainer.global_step
         self.last_save = time.monotonic()
 

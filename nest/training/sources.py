@@ -6,7 +6,7 @@ import json
 from itertools import islice
 from pathlib import Path
 
-from cuts.io import iter_jsonl
+from cuts.io import cut_short, iter_jsonl
 from cuts.prepare import AUDIO_EXTENSIONS
 from cuts.sampler import open_cuts
 from cuts.shar import is_url
@@ -53,6 +53,14 @@ def _hint(key: str, source: str) -> str | None:
     return None
 
 
+def audio_paths(cut) -> list[str]:
+    """The audio files a cut reads (its recording's file sources; a MixedCut's tracks' too)."""
+    if hasattr(cut, "tracks"):
+        return [p for t in cut.tracks for p in audio_paths(t.cut)]
+    recording = getattr(cut, "recording", None)
+    return [s.source for s in recording.sources if s.type == "file"] if recording is not None else []
+
+
 def check_sources(cfg: RunConfig) -> None:
     """Each of data.train_cuts, val_cuts and noise_cuts exists, is a CutSet (or Shar folder) and holds cuts."""
     d = cfg.data
@@ -65,12 +73,21 @@ def check_sources(cfg: RunConfig) -> None:
                 hint = _hint(key, s)
                 if hint:
                     raise ConfigError(hint)
+                damage = cut_short(s) if Path(s).is_file() and not s.endswith(".json") else None  # not a JSON array
+                if damage:  # training would stop reading it there, every epoch
+                    raise ConfigError(f"{key}: {damage} (with the command that made it)")
             try:
                 first = next(iter(open_cuts(s, cfg.seed)), None)
             except Exception as e:
                 raise ConfigError(f"{key}: {s} is not a readable CutSet ({type(e).__name__}: {e})") from None
             if first is None:
                 raise ConfigError(f"{key}: {s} holds no cuts")
+            relative = next((p for p in audio_paths(first) if not Path(p).is_absolute()), None)
+            if relative is not None:
+                raise ConfigError(
+                    f"{key}: {s} names its audio by relative paths (such as {relative}), which every worker and node "
+                    f"would resolve against its own current folder: run `nest-prepare manifest {s} OUT` (it stores "
+                    f"them absolute) and give OUT/cuts.jsonl.gz")
             if cfg.model.targets == "kmeans" and key != "data.noise_cuts":
                 check_targets(cfg, key, s, first)
 

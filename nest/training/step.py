@@ -5,7 +5,7 @@ It never waits on the accelerator:
 - A non-finite loss or gradient skips the optimizer step on the device: the fused AdamW kernel receives
   ``found_inf`` as GradScaler hands it over, and leaves parameters, moments and its step count untouched.
   The flag is all-reduced (max) over ranks, so every replica skips together; BatchNorm statistics of any
-  kind (BatchNorm1d, SyncBatchNorm) touched by a non-finite forward pass are put back. How many steps were
+  kind (BatchNorm1d, SyncedBatchNorm) touched by a non-finite forward pass are put back. How many steps were
   skipped is read on the host only at logging steps (nest.training.meters).
 - Gradient accumulation is ours (``accumulate_grad_batches``): the backward passes of a window but the
   last run under ``no_sync`` (DDP's), so each window costs one gradient all-reduce, and the skip decision
@@ -13,8 +13,10 @@ It never waits on the accelerator:
 - A batch whose every cut failed to load arrives as one second of silence with no cut ids: it runs
   forward and backward with weight 0, so every rank takes part in every collective.
 - A step that runs out of accelerator memory is retried as two half batches and counted. Under DDP a
-  retry is only safe when nothing collective ran yet: an out-of-memory error in the forward pass of a
-  model without SyncBatchNorm; otherwise the run stops with a message (resume=auto continues it).
+  retry is only safe when the halves make no collective the other ranks do not make: an out-of-memory error
+  in the forward pass of a model without synchronised BatchNorm (whose layers all-reduce in every forward
+  and backward pass, so two halves would pair with other layers' collectives on the other ranks); otherwise
+  the run stops with a message (resume=auto continues it).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cuts.dataset import AudioNoiseBatch
 from nest.training.distributed import all_reduce_, world_size
+from nest.training.sync_batchnorm import SyncedBatchNorm
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def batch_torch_seed(seed: int, rank: int, epoch: int, index: int, worker: int =
 
 
 def norm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Running statistics of every BatchNorm kind in ``model`` (BatchNorm1d, SyncBatchNorm, ...)."""
+    """Running statistics of every BatchNorm kind in ``model`` (BatchNorm1d, SyncedBatchNorm, SyncBatchNorm)."""
     return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
 
 
@@ -92,7 +95,7 @@ class GuardedStep:
         self.optimizer_step = optimizer_step or optimizer.step
         self.retry_oom = retry_oom
         self.micro = 0  # micro-batches done in the current accumulation window
-        # After the strategy's set-up, which may have converted BatchNorm layers to SyncBatchNorm.
+        # After the strategy's set-up, which may have converted BatchNorm layers to SyncedBatchNorm.
         self.norm_buffers = norm_buffers(model)
         device = next(model.parameters()).device
         z = lambda dtype=torch.float32: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
@@ -157,7 +160,7 @@ class GuardedStep:
 
     def _check_retry_is_safe(self, stage: str, batch: AudioNoiseBatch, error: Exception) -> None:
         distributed = world_size() > 1
-        sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
+        sync_bn = any(isinstance(m, (SyncedBatchNorm, torch.nn.SyncBatchNorm)) for m in self.model.modules())
         partial_grads = stage == "backward" and self.micro > 1
         if batch.audio.shape[0] < 2:
             raise RuntimeError(f"out of memory on a single utterance of {self._seconds(batch):.1f} s (nothing to "

@@ -40,8 +40,9 @@ if run_stage 1 prepare "seed=$seed" --in "$data/raw" --out "$data/train/cuts.jso
   python "$REPO/prepare.py" noise "$data/raw/noise" "$data/noise" --window 10 --seed "$seed"
   done_stage
 fi
-if run_stage 2 bins --in "$data/train/cuts.jsonl.gz" --out "$data/bins.yaml"; then
-  python "$REPO/prepare.py" bins "$data/train/cuts.jsonl.gz" --buckets 8 --out "$data/bins.yaml"
+if run_stage 2 bins "${extra_args[@]}" --in "$data/train/cuts.jsonl.gz" "$config" --out "$data/bins.yaml"; then
+  python "$REPO/prepare.py" bins "$data/train/cuts.jsonl.gz" "${extra_args[@]}" --config "$config" --buckets 8 \
+    --out "$data/bins.yaml"
   done_stage
 fi
 if run_stage 3 train "steps=$steps" "${extra_args[@]}" --in "$config" "$data/train/cuts.jsonl.gz" \

@@ -13,7 +13,8 @@
 #                          at most half)
 #   --window S             recordings longer than this are cut into S-second windows (default 30)
 #   --min-duration S       shorter files (and window tails) are left out (default 1)
-#   --buckets N            at most N duration buckets (default 30; fewer when the data is small)
+#   --buckets N            at most N duration buckets (default 30; fewer when the data is small: each holds
+#                          at least 4 batches of data.batch_duration)
 #   --config YAML          training config (default: the repository's configs/nest_fast-conformer.yaml)
 #   --jobs N               processes checking audio (default: all cores)
 #   --seed N               seed of the shuffle and of the dev choice (default 0)

@@ -12,7 +12,8 @@
 #   --download BOOL        true: download both corpora first, next to those folders (default false)
 #   --train-parts "P ..."  training parts (default "train-clean-100 train-clean-360 train-other-500")
 #   --dev-parts "P ..."    validation parts (default "dev-clean dev-other")
-#   --buckets N            at most N duration buckets (default 30)
+#   --buckets N            at most N duration buckets (default 30; fewer when the data is small: each holds
+#                          at least 4 batches of data.batch_duration)
 #   --config YAML          training config (default: the repository's configs/nest_fast-conformer.yaml)
 #   --jobs N               processes checking audio (default: all cores)
 #   --seed N               seed of the shuffle (default 0)

@@ -13,7 +13,8 @@
 #   --dev-fraction F       without --dev: share of recordings held out (default 0.01; at least 1, at most half)
 #   --noise "A.json ..."   noise manifests for augmentation (default: none, no noise)
 #   --min-duration S       shorter segments are left out (default 1)
-#   --buckets N            at most N duration buckets (default 30; fewer when the data is small)
+#   --buckets N            at most N duration buckets (default 30; fewer when the data is small: each holds
+#                          at least 4 batches of data.batch_duration)
 #   --config YAML          training config (default: the repository's configs/nest_fast-conformer.yaml)
 #   --jobs N               processes checking audio (default: all cores)
 #   --seed N               seed of the shuffle and of the dev choice (default 0)

@@ -1,4 +1,5 @@
 """k-means targets: MFCC as fairseq's HuBERT, label layout on the model's tokens, fit, relabel, encoder sources."""
+import gzip
 import json
 
 import numpy as np
@@ -252,3 +253,41 @@ def test_targets_through_mixed_cuts_and_collation(real_cuts, tmp_path):
     with pytest.raises(KeyError, match=f"cut '{unlabelled.id}' has no 'targets'"):
         targets_spec(unlabelled)
     assert targets_spec(mixed) == targets_spec(a)
+
+
+def small_corpus(root, n: int, seconds: float = 2.0):
+    from cuts.synth import utterance
+
+    rng = np.random.default_rng(n)
+    (root / "src").mkdir()
+    for i in range(n):
+        sf.write(root / "src" / f"{i:02d}.wav", utterance(rng, 16000, seconds), 16000)
+    prepare_audio_dir(root / "src", root / "set")
+    return root / "set" / "cuts.jsonl.gz"
+
+
+def test_a_small_corpus_widens_the_fit_sample_and_says_so(tmp_path, caplog):
+    cuts = small_corpus(tmp_path, 14)  # a hashed 10% of 14 cuts is one or none
+    with caplog.at_level("WARNING"):
+        summary = run_kmeans(cuts, tmp_path / "out", clusters=20, seed=3, options=SMALL)
+    fit = summary["fit"]
+    assert fit["sample_fraction"] == 0.1 and fit["sample_frames"] >= 20 * 40 and 0.1 < fit["sample_fraction_used"] <= 1
+    assert fit["sample_cuts"] < 14 and "the fit sample of --sample-fraction 0.1" in caplog.text
+    again = run_kmeans(cuts, tmp_path / "again", clusters=20, seed=3, jobs=2, options=SMALL)
+    assert again["fit"]["sample_cuts"] == fit["sample_cuts"]  # the same cuts for any --jobs: seeded hashes
+    with pytest.raises(FeatureError, match=r"has \d+ frames in the fit sample \(all its cuts\), fewer than --clusters "
+                                           r"100000: use --clusters \d+ or fewer"):
+        run_kmeans(cuts, tmp_path / "x", clusters=100000, options=SMALL)
+    assert not (tmp_path / "x").exists()  # a failed first run leaves no folder
+
+
+def test_bad_manifest_lines_are_listed_not_lost(tmp_path):
+    cuts = small_corpus(tmp_path, 3)
+    lines = gzip.decompress(cuts.read_bytes()).decode().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([lines[0], "not json", '{"id": "x", "type": "MonoCut", "duration": null}', *lines[1:]]))
+    assert main([str(broken), str(tmp_path / "out"), "--clusters", "2", "--sample-fraction", "1"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_cuts"] == 3 and summary["rejected_by_reason"] == {"bad manifest line": 2}
+    where = [json.loads(x)["where"] for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert where == [f"{broken}:2", f"{broken}:3"]

@@ -305,3 +305,19 @@ def test_labels_from_the_folders_of_the_cut_id():
     cut = MonoCut(id="sessionA/spk1/001", start=0, duration=1, channel=0)
     assert label_of(cut, "folder:-1") == "spk1" and label_of(cut, "folder:0") == "sessionA"
     assert label_of(cut, "folder:5") is None and label_of(MonoCut(id="001", start=0, duration=1, channel=0), "folder:-1") is None
+
+
+def test_labels_from_a_regular_expression_over_the_cut_id(tones):
+    from lhotse import MonoCut
+
+    cut = MonoCut(id="7_george_12", start=0, duration=1, channel=0)
+    assert label_of(cut, r"re:^(\d)_") == "7" and label_of(cut, "re:_([a-z]+)_") == "george"
+    assert label_of(cut, r"re:\d+$") == "12"  # no group: the whole match
+    assert label_of(cut, r"re:^x(\d)") is None
+    train, dev = tones  # ids low0.., high0..: the class is the letters before the number
+    by_id, by_text = run_probe("mel", train, dev, r"re:^([a-z]+)\d", epochs=20), run_probe("mel", train, dev, "text", epochs=20)
+    assert by_id["classes"] == ["high", "low"] and by_id["accuracy"] == by_text["accuracy"]
+    with pytest.raises(ProbeError, match=r"the id of cut \S+ does not match --label re:\^low"):
+        run_probe("mel", train, dev, "re:^low")
+    with pytest.raises(ProbeError, match=r"--label re:\(\\d: not a regular expression"):
+        run_probe("mel", train, dev, r"re:(\d")

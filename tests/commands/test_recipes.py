@@ -123,3 +123,17 @@ def test_folder_recipe_on_the_demo_corpus(tmp_path):
     train, dev = (CutSet.from_file(data / f"{s}.jsonl.gz") for s in ("train", "dev"))
     assert len(train) + len(dev) == 60 and len(dev) == 6  # speech/train/* and speech/dev/*: every file kept
     assert all(c.id.split("/")[0] in ("train", "dev") for c in [*train, *dev])  # ids keep their folder
+
+
+def test_folder_recipe_on_one_minute_of_speech_trains_and_says_the_corpus_is_tiny(tmp_path):
+    n = corpus(tmp_path / "corpus", speakers=5, per_speaker=5)  # 25 files, about a minute
+    result = run(ROOT / "recipes" / "folder" / "run.sh", "--speech-dir", "corpus", "--config", "nest_tiny.yaml",
+                 "--jobs", "1", "trainer.max_steps=2", "trainer.accelerator=cpu", "data.num_workers=0",
+                 "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert n == 25 and "the corpus is tiny for data.batch_duration=40 s" in result.stderr
+    assert re.search(r"trained 2 steps, [0-9.]+ h of audio seen", result.stdout)
+    import yaml
+
+    bins = yaml.safe_load((tmp_path / "data" / "folder" / "bins.yaml").read_text())
+    assert bins["num_buckets"] == 1 and bins["batch_duration"] == 40

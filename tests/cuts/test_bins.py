@@ -58,7 +58,7 @@ def test_small_corpus_gets_few_buckets_with_a_message(caplog):
     assert 1 < len(bins.upper) <= 4
     assert "20 cuts fill" in caplog.text and "not the 30 asked for" in caplog.text
     one = bins_from_durations(np.array([3.2]), 30)
-    assert one.upper == [3.2] and one.duration_bins == []
+    assert one.upper == [3.2] and one.duration_bins == [3.2]  # lhotse warns on no boundary; none is above 3.2
 
 
 def test_empty_and_bad_arguments():
@@ -86,3 +86,72 @@ def test_streaming_estimate_and_manifest_reader_agree(tmp_path):
     bins, seen = estimate_bins(CutSet.from_jsonl_lazy(tmp_path / "cuts.jsonl.gz"), 8)
     assert np.array_equal(seen, durations) and np.array_equal(manifest_durations(tmp_path / "cuts.jsonl.gz"), durations)
     assert bins == bins_from_durations(durations, 8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(0.5, 30.0, allow_nan=False).map(lambda x: round(x, 2)), min_size=1, max_size=300),
+       st.integers(1, 40), st.sampled_from([5.0, 40.0, 600.0]), st.sampled_from([1.0, 2.0, 4.0]))
+def test_every_bucket_holds_several_batches_of_audio(durations, num_buckets, batch_duration, min_batches):
+    bins = bins_from_durations(np.array(durations), num_buckets, 1, batch_duration, min_batches)
+    check(durations, bins, 1)
+    edges = np.searchsorted(bins.duration_bins, durations, side="left")
+    seconds = np.bincount(edges, weights=durations, minlength=len(bins.upper))[: len(bins.upper)]
+    assert len(bins.upper) == 1 or seconds.min() >= min_batches * batch_duration
+    assert bins.batch_duration == batch_duration
+
+
+def test_a_tiny_corpus_gets_one_bucket_its_steps_and_a_batch_duration_that_trains(caplog):
+    from cuts.config import DataConfig
+    from cuts.report import training_bins
+
+    durations = np.random.default_rng(0).uniform(1.8, 2.9, 24)  # one minute of speech
+    with caplog.at_level(logging.WARNING):
+        bins, info = training_bins(durations, DataConfig(batch_duration=40, min_duration=0.5), 30)
+    assert bins.upper == [durations.max()] and info["tiny"] and info["steps_per_epoch"] >= 1
+    assert "the corpus is tiny for data.batch_duration=40 s" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, info = training_bins(durations, DataConfig(), 30)  # the default 600 s: no whole batch at all
+    assert info["steps_per_epoch"] == 0 and info["cuts_in_no_batch"] == 24
+    suggested = float(caplog.text.split("set data.batch_duration=")[1].split()[0])
+    _, info = training_bins(durations, DataConfig(batch_duration=suggested), 30)
+    assert info["steps_per_epoch"] >= 2  # the suggestion trains
+
+
+def test_bins_leave_out_what_training_drops_and_say_so(caplog):
+    from cuts.config import DataConfig
+    from cuts.report import training_bins
+
+    durations = np.r_[np.linspace(1.0, 20.0, 400), [0.3, 0.4, 1200.0]]
+    with caplog.at_level(logging.WARNING):
+        bins, info = training_bins(durations, DataConfig(batch_duration=40), 30)
+    assert bins.upper[-1] == 20.0 and info["cuts_outside_duration_range"] == 3 and not info["tiny"]
+    assert "3 of 403 cuts" in caplog.text and "--window" in caplog.text
+    with pytest.raises(ValueError, match="none of the 2 cuts lies within"):
+        training_bins(np.array([0.2, 0.3]), DataConfig(), 30)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bucket_upper_duration: [1, 2\n", "bins.yaml:2 is not valid YAML"),
+    ("- 1\n- 2\n", "needs a bucket_upper_duration list"),
+    ("bucket_upper_duration: [3, 2]\n", "strictly increasing"),
+    ("bucket_upper_duration: [1, .nan]\n", "strictly increasing list of positive"),
+    ("bucket_upper_duration: [a]\n", "needs a bucket_upper_duration list"),
+    ("bucket_upper_duration: [1]\nnum_cuts: many\n", "numbers for num_cuts"),
+    ("", "needs a bucket_upper_duration list"),
+])
+def test_a_broken_bins_file_is_one_error_naming_it(tmp_path, text, message):
+    (tmp_path / "bins.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Bins.load(tmp_path / "bins.yaml")
+
+
+def test_bins_file_round_trip_keeps_the_batch_duration(tmp_path):
+    bins = bins_from_durations(np.linspace(1, 10, 200), 8, batch_duration=40.0)
+    bins.save(tmp_path / "bins.yaml")
+    assert Bins.load(tmp_path / "bins.yaml") == bins
+    (tmp_path / "bins.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not a text file"):
+        Bins.load(tmp_path / "bins.bin")
+    with pytest.raises(ValueError, match="is a folder"):
+        Bins.load(tmp_path)

@@ -87,3 +87,10 @@ def test_prepared_cuts_are_shuffled_with_the_seed(tmp_path):
     assert a != sorted(a)  # not in folder order
     assert a == b and a != c and sorted(a) == sorted(c)
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["shuffle_seed"] == 0
+
+
+def test_one_line_escapes_what_would_break_an_error_line():
+    from cuts.io import one_line
+
+    text = one_line(ValueError("key '\x85' in a.jsonl:3\u2028and \x1e; é 中\n"))
+    assert len(text.splitlines()) == 1 and text == "key '\\x85' in a.jsonl:3\\u2028and \\x1e; é 中"

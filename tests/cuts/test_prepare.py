@@ -190,3 +190,83 @@ def test_nothing_usable_leaves_the_previous_set_in_place(tmp_path):
     with pytest.raises(NothingUsable, match="left as it was"):
         prepare_audio_dir(tmp_path / "empty", tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_linked_folders_are_followed_once_and_what_is_skipped_is_counted(tmp_path):
+    outside = tmp_path / "elsewhere" / "more"
+    for path in (tmp_path / "src" / "a" / "1.wav", outside / "2.flac", outside / "deeper" / "3.wav"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, tone(1.0, 16000), 16000)
+    (tmp_path / "src" / "a" / "notes.txt").write_text("not audio")
+    (tmp_path / "src" / "linked").symlink_to(outside)  # a corpus assembled from links: every file is read
+    (tmp_path / "src" / "a" / "loop").symlink_to(tmp_path / "src")  # a loop: read once, no endless walk
+    (tmp_path / "src" / "again").symlink_to(tmp_path / "src" / "a")  # the same folder twice: read once
+    (tmp_path / "src" / "file_link.wav").symlink_to(outside / "2.flac")
+    (tmp_path / "src" / "broken.wav").symlink_to(tmp_path / "nowhere.wav")
+    summary = prepare_audio_dir(tmp_path / "src", tmp_path / "out")
+    ids = sorted(c.id for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"))
+    assert ids == ["a/1", "file_link", "linked/2", "linked/deeper/3"]
+    assert summary["rejected_by_reason"] == {"missing": 1}
+    assert summary["skipped"] == {"folders reached again through a link": 2, "files not audio (by extension)": 1}
+
+
+def test_an_empty_input_folder_creates_no_output_folder(tmp_path):
+    from cuts.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["audio-dir", str(tmp_path / "empty"), str(tmp_path / "new" / "out")]) == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_lhotse_manifest_relative_paths_and_missing_files(tmp_path, monkeypatch):
+    from lhotse import Recording, RecordingSet
+    from lhotse.audio import AudioSource
+
+    data = tmp_path / "corpus"
+    (data / "audio").mkdir(parents=True)
+    sf.write(data / "audio" / "u1.wav", tone(1.0, 16000), 16000)
+    sf.write(tmp_path / "u2.wav", tone(1.0, 16000), 16000)
+
+    def rec(rid, path):
+        return Recording(id=rid, sources=[AudioSource("file", [0], str(path))], sampling_rate=16000,
+                         num_samples=16000, duration=1.0)
+
+    RecordingSet.from_recordings([
+        rec("beside_manifest", "audio/u1.wav"),  # relative to the manifest's folder
+        rec("from_working_folder", "u2.wav"),  # relative to the working folder, as lhotse reads it
+        rec("nowhere", "audio/gone.wav"),
+        rec("absolute_gone", tmp_path / "gone.wav"),
+    ]).to_file(data / "recordings.jsonl.gz")
+    monkeypatch.chdir(tmp_path)
+    summary = prepare_lhotse_manifest([Path("corpus/recordings.jsonl.gz")], tmp_path / "out")
+    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz")}
+    assert cuts["beside_manifest"].recording.sources[0].source == str(data / "audio" / "u1.wav")
+    assert cuts["from_working_folder"].recording.sources[0].source == str(tmp_path / "u2.wav")
+    assert summary["rejected_by_reason"] == {"missing": 2}
+    reasons = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert "'audio/gone.wav' found neither from the working folder" in reasons["3"]
+    assert reasons["4"] == "missing: no such file"
+
+
+def test_shar_export_says_how_many_streams_it_feeds_and_has_one_writer(tmp_path, caplog):
+    from cuts.lock import FolderBusy, replace_lock
+
+    good, _ = make_tree(tmp_path / "src")
+    prepare_audio_dir(tmp_path / "src", tmp_path / "set")
+    cuts = tmp_path / "set" / "cuts.jsonl.gz"
+    (tmp_path / ".shar.tmp").mkdir()  # left by an interrupted export of an earlier version
+    with caplog.at_level("INFO"):
+        one = export_shar(cuts, tmp_path / "shar")
+    assert one["num_shards"] == one["max_streams"] == 1 and one["num_cuts"] == len(good)
+    assert "feed at most 1 training stream(s)" in caplog.text and f"its {len(good)} cuts feed at most" in caplog.text
+    assert export_shar(cuts, tmp_path / "shar", shard_size=2)["max_streams"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".shar.lock"]
+    with replace_lock(tmp_path / "shar"):  # another export of the same folder is running
+        with pytest.raises(FolderBusy, match=r"shar is being written by pid \d+"):
+            export_shar(cuts, tmp_path / "shar")
+    before = sorted(p.name for p in (tmp_path / "shar").iterdir())
+    for source in (tmp_path / "src").rglob("*.*"):
+        source.unlink()  # the audio is gone: nothing can be exported
+    with pytest.raises(NothingUsable, match="no cut of .* could be exported.*left as it was"):
+        export_shar(cuts, tmp_path / "shar")
+    assert sorted(p.name for p in (tmp_path / "shar").iterdir()) == before

@@ -62,6 +62,19 @@ def test_empty_input_and_bad_fraction_fail(tmp_path):
     assert prepare_main(["split", str(tmp_path / "empty.jsonl.gz"), str(tmp_path / "out")]) == 1
 
 
+@pytest.mark.parametrize("bad", [None, "1.0", -1.0, True])
+def test_a_cut_without_a_usable_duration_is_named_before_anything_is_written(tmp_path, bad):
+    write_cuts(tmp_path / "all.jsonl", [1.0, 2.0, 3.0])
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    broken["duration"] = bad
+    lines[2] = json.dumps(broken)
+    (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"all\.jsonl:3: duration is"):
+        split_cuts(tmp_path / "all.jsonl", tmp_path / "out", dev_fraction=0.3)
+    assert not (tmp_path / "out" / "train.jsonl.gz").exists()
+
+
 def test_report_counts_the_steps_the_training_sampler_makes(tmp_path):
     durations = np.round(np.random.default_rng(0).uniform(1.0, 12.0, 400), 3)
     write_cuts(tmp_path / "cuts.jsonl.gz", durations)

@@ -61,6 +61,14 @@ def test_kmeans_targets_cannot_be_nemos():
         to_nemo_config(replace(tiny("nest"), targets="kmeans"), asdict(OptimConfig()))
 
 
+def test_quantizer_norms_cannot_be_nemos():
+    nest, w2v = tiny("nest"), tiny("w2vbert")
+    with pytest.raises(CheckpointError, match="model.quantizer.norm=layer"):
+        to_nemo_config(replace(nest, quantizer=replace(nest.quantizer, norm="layer")), asdict(OptimConfig()))
+    with pytest.raises(CheckpointError, match="model.w2vbert.quantizer_norm=layer"):
+        to_nemo_config(replace(w2v, w2vbert=replace(w2v.w2vbert, quantizer_norm="layer")), asdict(OptimConfig()))
+
+
 model_configs = st.builds(
     lambda objective, d_heads, layers, factor, features, kernel, norm, bias, xscaling, post_conv, books, mlm: replace(
         ModelConfig(objective=objective, mask_position="post_conv" if post_conv and objective == "nest" else "pre_conv"),

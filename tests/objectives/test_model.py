@@ -10,6 +10,9 @@ from nest.model import EncoderConfig, MaskingConfig, QuantizerConfig, RandomBloc
 from nest.objectives import ModelConfig, NestModel
 from nest.objectives.nest import masked_token_loss, token_mask_from_frames
 from nest.training.optim import noam_lambda
+from nest.model.features import lengths_to_mask
+from nest.model.heads import code_counts
+from nest.model.quantizer import RandomProjectionQuantizer
 
 
 def tiny_config() -> ModelConfig:
@@ -140,3 +143,36 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
     torch.save({"model_config": __import__("dataclasses").asdict(model.cfg), "state_dict": state}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="encoder.bogus.weight.*decoder.decoder_layers.0.bias"):
         load_model(tmp_path / "x.pt")
+
+
+def test_codes_used_counts_the_targets_of_every_training_step_of_the_logging_window():
+    torch.manual_seed(0)
+    cfg = ModelConfig(quantizer=QuantizerConfig(num_classes=4096, num_books=2, code_dim=8),
+                      encoder=EncoderConfig(n_layers=1, d_model=32, n_heads=4, subsampling_conv_channels=16))
+    model = NestModel(cfg).train()
+    audio = 0.1 * torch.randn(4, 2, 16000)  # other audio at each step
+    lens = torch.tensor([16000, 12000])
+    outs = [model(audio[k], lens, audio[k], lens) for k in range(3)]
+    counts = sum(code_counts(o.tokens, 4096, lengths_to_mask(o.encoded_lens, o.tokens.shape[1])) for o in outs)
+    window = model.metrics(outs[-1])["codes_used"]
+    assert window == (counts > 0).float().mean()  # the three steps, not the last one alone
+    assert "codes_used" not in model.metrics(outs[-1])  # read: the window starts anew, empty
+    model(audio[3], lens, audio[3], lens)
+    one = model.metrics(outs[-1])["codes_used"]
+    assert 0 < one < window
+    model.eval()
+    assert "codes_used" not in model.metrics(model(audio[0], lens, audio[0], lens))  # validation: no window
+
+
+def test_quantizer_layer_norm_standardises_each_stacked_input_and_is_off_by_default():
+    torch.manual_seed(0)
+    plain = RandomProjectionQuantizer(QuantizerConfig(num_classes=64, code_dim=8), 80, 8)
+    assert QuantizerConfig().norm == "none"
+    normed = RandomProjectionQuantizer(QuantizerConfig(num_classes=64, code_dim=8, norm="layer"), 80, 8)
+    normed.load_state_dict(plain.state_dict())  # the same projection and codebook: no new parameters
+    feats = torch.randn(2, 80, 64)
+    feats[:, :, 32:] = 0  # padding: a zero vector stays zero, and gets NeMo's token
+    shifted = feats[:, :, :32] * 3.0 + 1.0  # a louder, offset copy of the valid frames
+    assert torch.equal(normed(torch.cat([shifted, feats[:, :, 32:]], 2)), normed(feats))
+    assert not torch.equal(plain(torch.cat([shifted, feats[:, :, 32:]], 2)), plain(feats))
+    assert torch.equal(normed(feats)[:, 4:], plain(feats)[:, 4:])

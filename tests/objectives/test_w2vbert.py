@@ -186,7 +186,7 @@ def test_forward_backward_finite_and_free_of_host_syncs():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     metrics = model.metrics(out)
     assert all(v.dim() == 0 and torch.isfinite(v) for v in metrics.values())
-    assert {"contrastive_loss", "mlm_loss", "codebook_perplexity", "prob_ppl", "gumbel_temperature"} <= set(metrics)
+    assert {"contrastive_loss", "mlm_loss", "codebook_perplexity", "prob_ppl", "gumbel_temperature", "codes_used"} <= set(metrics)
     # Counting masked steps: the patches of the shortest utterance decide for all.
     assert (out.step_mask.sum(1) == out.step_mask.sum(1)[0]).all()
 
@@ -260,8 +260,26 @@ def test_nest_model_has_the_same_logging_interface():
     audio, lens = torch.randn(2, 16000) * 0.1, torch.tensor([16000, 12000])
     out = model(audio, lens, audio, lens)
     metrics = model.metrics(out)
-    assert set(metrics) == {"masked_accuracy", "target_perplexity", "masked_fraction"}
+    assert set(metrics) == {"masked_accuracy", "target_perplexity", "masked_fraction", "codes_used"}
     sel = out.token_mask[:, : out.log_probs.shape[1]]
     expected = (out.log_probs.argmax(2) == out.tokens[:, : out.log_probs.shape[1]])[sel].float().mean()
     assert torch.allclose(metrics["masked_accuracy"], expected)
     assert 1.0 <= metrics["target_perplexity"] <= 32.0
+
+
+def test_quantizer_weight_std_and_layer_norm_are_ours_and_off_by_default():
+    from nest.objectives.w2vbert_loss import GumbelVectorQuantizer
+
+    w = W2vBertConfig()
+    assert (w.quantizer_weight_std, w.quantizer_norm) == (1.0, "none")  # NeMo's quantizer
+    x = torch.randn(2, 5, 640)
+    torch.manual_seed(0)
+    nemo = GumbelVectorQuantizer(640, 16, 2, 32, (2.0, 0.5, 0.999995)).eval()
+    assert 20 < nemo.weight_proj(x).std() < 30  # NeMo's init on 640 unit-variance inputs: a saturated softmax
+    torch.manual_seed(0)
+    small = GumbelVectorQuantizer(640, 16, 2, 32, (2.0, 0.5, 0.999995), weight_std=640**-0.5).eval()
+    assert 0.7 < small.weight_proj(x).std() < 1.3
+    assert torch.equal(small(x)[1], nemo(x)[1])  # the same directions: the same argmax codes
+    normed = GumbelVectorQuantizer(640, 16, 2, 32, (2.0, 0.5, 0.999995), norm="layer").eval()
+    louder = x * 3.0 + 1.0  # each step scaled and offset: the same codes after the LayerNorm
+    assert torch.equal(normed(louder)[1], normed(x)[1]) and not torch.equal(nemo(louder)[1], nemo(x)[1])

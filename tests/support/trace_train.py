@@ -6,7 +6,8 @@ With KILL_AT_STEP >= 0 the process SIGKILLs itself once that many optimizer step
 NEST_TEST_FAIL_RANK=R makes every cut of rank R's batches fail to load; NEST_TEST_NAN=R:N makes rank R's
 N-th micro-batch (from 1) give a non-finite loss; NEST_TEST_DUMP=DIR writes each rank's final parameters
 and the audio tar files it opened into DIR; NEST_TEST_SYNCS=1 records the host syncs of each whole loop
-iteration of Lightning (its own code, the step, the callbacks) as ``syncs``, and ``logging``;
+iteration of Lightning (its own code, the step, the callbacks) as ``syncs``, and ``logging``, with the number
+of synchronised BatchNorm layers (``synced_bn``) and the DDP wrapper's options (``ddp``);
 NEST_TEST_SIGUSR1_AT=N sends the process SIGUSR1 once N optimizer steps are done.
 """
 import json
@@ -34,7 +35,14 @@ def main() -> None:
     def traced_step(self, batch, batch_idx):
         logging = self.is_logging_step()
         out = step(self, batch, batch_idx)
-        records.append({"step": self.global_step, "rank": self.global_rank, "epoch": batch.epoch,
+        extra = {}
+        if count_syncs:
+            from nest.training.sync_batchnorm import SyncedBatchNorm
+
+            wrapper = self.trainer.strategy.model
+            extra = {"synced_bn": sum(isinstance(m, SyncedBatchNorm) for m in self.modules()),
+                     "ddp": {k: getattr(wrapper, k, None) for k in ("broadcast_buffers", "gradient_as_bucket_view")}}
+        records.append({**extra, "step": self.global_step, "rank": self.global_rank, "epoch": batch.epoch,
                         "index": batch.index, "worker": batch.worker, "cut_ids": batch.cut_ids,
                         "failed": len(batch.failed), "logging": logging,
                         "loss": None if count_syncs else self.last_loss.item()})  # .item(): a sync of its own

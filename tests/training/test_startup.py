@@ -88,7 +88,8 @@ def test_no_batch_is_the_last_line(tiny_corpus, tmp_path):
     r = run_cli(tiny_overrides(tiny_corpus, tmp_path / "exp", **{"data.min_duration": 19.0, "data.max_duration": 20.0}),
                 tmp_path)
     assert r.returncode == 2
-    assert "the sampler made no batch" in r.stderr.strip().splitlines()[-1]
+    last = r.stderr.strip().splitlines()[-1]  # no cut in the duration range: said with the numbers, not as "no batch"
+    assert "no cut is trained on, of the 36 cuts: 36 shorter than data.min_duration=19 s" in last
 
 
 def test_missing_audio_stops_at_start_naming_the_file(tiny_corpus, tmp_path):
@@ -128,7 +129,7 @@ def test_bins_of_another_corpus_warn_with_numbers(tiny_corpus, tmp_path, caplog)
     cfg = tiny(tiny_corpus, tmp_path / "exp", **{"data.bins": tmp_path / "short_bins.yaml"})
     DataFeed(cfg.data, 16000, 0).preflight()
     warning = " ".join(r.getMessage() for r in caplog.records if "another corpus" in r.getMessage())
-    assert "longest duration 2.00 s" in warning and "prepare.py bins" in warning
+    assert "longest duration 2.00 s" in warning and "nest-prepare bins" in warning
 
 
 def test_new_run_into_used_exp_dir_is_refused(tiny_corpus, tmp_path):

@@ -1,12 +1,15 @@
 """The training step: no host sync outside logging steps, exact skips, out-of-memory retry, logging devices."""
+import datetime
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nest.config import load_config
 from nest.objectives import NestModel, NestOutput
 from nest.training.module import NestLightningModule
-from nest.training.run import train, trainer_options
+from nest.training.run import SyncBatchNormPlugin, build_trainer, train, trainer_options
 from nest.training.step import norm_buffers
+from nest.training.sync_batchnorm import SyncedBatchNorm, convert_batchnorm
 from tests.conftest import ROOT, tiny_overrides
 
 SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero", "equal"}
@@ -93,6 +96,8 @@ def test_guard_covers_every_batchnorm_kind():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     assert len(norm_buffers(synced)) == len(plain) == 3 * cfg.encoder.n_layers  # mean, var, count per layer
+    ours = convert_batchnorm(NestModel(cfg))
+    assert any(isinstance(m, SyncedBatchNorm) for m in ours.modules()) and len(norm_buffers(ours)) == len(plain)
 
 
 def test_out_of_memory_step_is_retried_as_two_halves(tiny_corpus, tmp_path, monkeypatch):
@@ -141,15 +146,20 @@ def test_logged_values_are_numbers_or_tensors_of_the_module_device(tiny_corpus, 
         assert isinstance(value, float) or (isinstance(value, torch.Tensor) and value.device == device), name
 
 
-def test_sync_batchnorm_follows_the_accelerator_whatever_the_strategy():
+def test_sync_batchnorm_is_the_plugin_on_every_accelerator_and_strategy(tmp_path):
     for strategy in ("auto", "ddp"):
         cfg = load_config(None, [f"trainer.strategy={strategy}", "trainer.devices=8"])
-        assert trainer_options(cfg, cuda=True) == {"precision": "bf16-mixed", "sync_batchnorm": True}
-        assert trainer_options(cfg, cuda=False) == {"precision": "32-true", "sync_batchnorm": False}
-    import pytorch_lightning as pl
-
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="auto", sync_batchnorm=True, logger=False)
-    assert type(trainer.strategy._layer_sync).__name__ == "TorchSyncBatchNorm"  # auto on several devices: DDP + sync
+        for cuda, precision in ((True, "bf16-mixed"), (False, "32-true")):
+            options = trainer_options(cfg, cuda=cuda)
+            assert options["precision"] == precision and options["sync_batchnorm"] is False  # not torch's layers
+            assert [type(p) for p in options["plugins"]] == [SyncBatchNormPlugin]
+    assert trainer_options(load_config(None, ["trainer.sync_batchnorm=false"]), cuda=True)["plugins"] == []
+    cfg = load_config(None, ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=auto",
+                             "trainer.ddp_timeout_minutes=7", f"exp_dir={tmp_path}"])
+    strategy = build_trainer(cfg, tmp_path).strategy  # auto on several devices: DDP, with the plugin and our options
+    assert type(strategy).__name__ == "DDPStrategy" and isinstance(strategy._layer_sync, SyncBatchNormPlugin)
+    assert strategy._ddp_kwargs == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    assert strategy._timeout == datetime.timedelta(minutes=7)
 
 
 def test_gradient_clipping_works_under_bf16_mixed(tiny_corpus, tmp_path):

@@ -5,6 +5,7 @@ import gzip
 import time
 
 import pytest
+import torch
 from lhotse import CutSet
 
 from cuts.dataset import TimedReader
@@ -100,7 +101,7 @@ def test_resume_auto_takes_last_ckpt_not_lightnings_signal_handler_checkpoints(t
     assert find_resume(cfg, tmp_path) is None
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
-    (ckpts / "last.ckpt").write_bytes(b"x")
+    torch.save({"state_dict": {}}, ckpts / "last.ckpt")  # start-up checks that it loads
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"y")
     assert find_resume(cfg, tmp_path) == str(ckpts / "last.ckpt")
 

@@ -62,6 +62,9 @@ def test_short_run_writes_checkpoints_and_metrics(tiny_corpus, tmp_path):
                 "train/failed_cuts", "train/audio_seconds", "train/skipped_steps"):
         assert tag in tags, (tag, sorted(tags))
     assert "hp_metric" not in tags and not [t for t in tags if "lr" in t and t != "train/lr"]  # the rate once
+    # Written by the module as numbers, at Lightning's own step count (the one validation is logged at).
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 5]
     assert summary["steps"] == 8 and summary["audio_hours_seen"] > 0 and summary["failed_cuts"] == 0
     assert summary["first_loss"] > summary["last_loss"] > 0
 
