@@ -14,7 +14,7 @@ from cuts.config import DataConfig
 from cuts.io import one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
-from cuts.sources import RECIPES, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
+from cuts.sources import RECIPES, SHAR_AUDIO_FORMATS, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
 from cuts.workers import Terminated, sigterm_raises
 
 
@@ -59,7 +59,8 @@ def cmd_noise(args) -> dict:
 
 
 def cmd_shar(args) -> dict:
-    return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size, seed=args.seed)
+    return export_shar(Path(args.cuts), Path(args.out), shard_size=args.shard_size, seed=args.seed,
+                       audio_format=args.audio_format)
 
 
 def cmd_split(args) -> dict:
@@ -181,10 +182,13 @@ def parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     p.add_argument("out")
     add_set_options(p, window=10.0)
     p.set_defaults(func=cmd_noise)
-    p = sub.add_parser("shar", help="export a CutSet with its audio (flac) as Lhotse Shar shards, shuffled")
+    p = sub.add_parser("shar", help="export a CutSet with its audio as Lhotse Shar shards, shuffled")
     p.add_argument("cuts")
     p.add_argument("out")
     p.add_argument("--shard-size", type=int, default=1000, help="cuts per shard")
+    p.add_argument("--audio-format", default="flac", choices=SHAR_AUDIO_FORMATS,
+                   help="flac: half the bytes of wav; wav: no decoding, several times more audio per worker "
+                        "(BENCHMARKS.md); mp3, opus: lossy")
     p.add_argument("--seed", type=int, default=0, help="of the shuffled order")
     p.set_defaults(func=cmd_shar)
     p = sub.add_parser("split", help="a CutSet -> train.jsonl.gz + dev.jsonl.gz, split by recording")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -36,7 +36,9 @@ class DataConfig:
     max_duration: float = 60.0  # longer cuts are left out (seconds)
     shuffle_buffer_size: int = 10000  # cuts held by the bucketing sampler for shuffling
     drop_last: bool = True  # drop the last, incomplete batch of each bucket
-    num_workers: int = 2  # dataloader processes per rank (Shar: each reads its own shards)
+    num_workers: Union[int, str] = 2  # dataloader processes per rank (Shar: each reads its own shards); auto: the cores per local rank less one
+    mix_on_device: bool = False  # the interference is placed and scaled on the accelerator (workers send its pieces)
+    noise_bank_seconds: float = 0.0  # >0 (with mix_on_device): noise drawn from this much of the noise set, decoded once per rank into device memory (1 h: 230 MB); workers decode clean audio only
     val_batch_duration: Optional[float] = None  # default: batch_duration
     max_failed_fraction: float = 0.1  # stop when more than this share of recent cuts failed to load
     read_timeout: float = 60.0  # seconds before a stalled audio read counts as failed (0: wait forever)

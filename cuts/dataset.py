@@ -6,17 +6,23 @@ import ctypes
 import dataclasses
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 from lhotse import CutSet
-from lhotse.cut import Cut
+from lhotse.cut import Cut, MixedCut
 
+from cuts.audio import as_float, load_mono, new_tensor, read_rows
+from cuts.buffers import SharedBuffers, give_back
+from cuts.mixing import MixPlan, NoiseBank, mix_in_worker, mix_on_device, plan_batch
 from cuts.noise import NoiseMixer, load_batch_audio
 from cuts.targets import IGNORE, collate_targets, load_targets
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +31,14 @@ log = logging.getLogger(__name__)
 class AudioNoiseBatch:
     """One batch. B utterances, S = longest in samples; waveforms are zero past their length.
 
-    The encoder's input is ``audio + noise``, formed on the accelerator (``noisy_audio``), so only two
-    waveform tensors travel to it. A batch whose every cut failed to load holds one second of silence
-    and no cut ids: every rank still runs its step (DDP's collectives), with weight 0.
+    The encoder's input is ``audio + noise``, formed on the accelerator (``noisy_audio``). The interference
+    travels as ``noise`` (mixed in the worker) or as ``mix``, a plan of pieces (``data.mix_on_device``) that
+    ``prepared`` turns into ``noise`` where the batch is. A batch whose every cut failed to load holds one
+    second of silence and no cut ids: every rank still runs its step (DDP's collectives), with weight 0.
     """
 
-    audio: torch.Tensor  # (B, S) float32 clean speech: the targets come from it
+    audio: torch.Tensor  # (B, S) float32 clean speech: the targets come from it; int16 PCM from a loader that
+    #   sends 16-bit sources as they are (float32 = int16 / 32768): ``prepared`` turns it into float32
     audio_lens: torch.Tensor  # (B,) int64, also the lengths of noise and noisy audio
     noise: Optional[torch.Tensor] = None  # (B, S) interference as added (scaled, placed); None: none in the batch
     targets: Optional[torch.Tensor] = None  # (B, T', R) int64 precomputed labels (model.targets=kmeans), -1: none
@@ -40,6 +48,8 @@ class AudioNoiseBatch:
     epoch: int = 0  # where the batch came from in its sampler, for exact resume
     index: int = 0
     worker: int = -1  # the stream (dataloader worker) that made it; -1 for the map-style path
+    mix: Optional[MixPlan] = None  # interference still to be formed (data.mix_on_device), else None
+    buffers: tuple = ()  # the worker's shared buffers holding the tensors, handed back once copied (cuts/buffers.py)
 
     def __len__(self) -> int:
         return len(self.cut_ids)
@@ -54,13 +64,29 @@ class AudioNoiseBatch:
         return self.audio if self.noise is None else self.audio + self.noise
 
     def pin_memory(self) -> "AudioNoiseBatch":
-        """Called by the DataLoader with ``pin_memory=True``: page-locked tensors copy to CUDA asynchronously."""
-        return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor)})
+        """Called by the DataLoader with ``pin_memory=True``: page-locked tensors copy to CUDA asynchronously.
+        The worker's shared buffers go back to it: this batch is not read again."""
+        pinned = dataclasses.replace(
+            self, buffers=(), **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                 if isinstance(getattr(self, f.name), (torch.Tensor, MixPlan))})
+        give_back(self.buffers)
+        return pinned
+
+    def prepared(self, bank: Optional[torch.Tensor] = None) -> "AudioNoiseBatch":
+        """The batch as the model takes it, formed where its tensors are (on the accelerator after the
+        transfer): float32 audio, and the planned interference placed and scaled (``bank``: the noise bank's
+        samples on that device, when the plan draws on it). Itself when there is nothing to do."""
+        if self.mix is None and self.audio.dtype == torch.float32:
+            return self
+        audio = as_float(self.audio)
+        noise = self.noise if self.mix is None else mix_on_device(audio, self.audio_lens, self.mix, bank)
+        return dataclasses.replace(self, audio=audio, noise=noise, mix=None)
 
     def split(self) -> tuple["AudioNoiseBatch", "AudioNoiseBatch"]:
-        """The first and second half of the utterances (for retrying a step that ran out of memory)."""
+        """The first and second half of the utterances (for retrying a step that ran out of memory); the
+        batch must be ``prepared``."""
+        if self.mix is not None:
+            raise ValueError("split a prepared batch: its mixing plan indexes the whole batch")
         half = (self.audio.shape[0] + 1) // 2
         parts = []
         for sl in (slice(0, half), slice(half, None)):
@@ -96,15 +122,6 @@ def at_rate(cut: Cut, sample_rate: int) -> Cut:
     return cut if cut.sampling_rate == sample_rate else cut.resample(sample_rate)
 
 
-def load_mono(cut: Cut) -> np.ndarray:
-    """(num_samples,) float32; several channels are averaged."""
-    audio = cut.load_audio()  # (channels, num_samples)
-    if audio.ndim == 2:
-        # One channel is a view, not a mean (a mean is a full pass and a copy per utterance).
-        audio = audio[0] if audio.shape[0] == 1 else audio.mean(0)
-    return audio.astype(np.float32, copy=False)
-
-
 def keep_freed_memory() -> None:
     """Let this process reuse the memory of its past batches instead of handing it back to the system.
 
@@ -132,16 +149,21 @@ class TimedReader:
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:  # each dataloader worker starts its own thread
-        return {"timeout": self.timeout, "_pool": None}
+        return {"timeout": self.timeout, "_pool": None, "_pid": None}
 
     def __call__(self, cut: Cut) -> np.ndarray:
+        return self.run(lambda: load_mono(cut), cut)
+
+    def run(self, fn: Callable[[], T], cut: Cut) -> T:
+        """``fn()``, the read of ``cut``, under the watchdog."""
         if self.timeout <= 0:
-            return load_mono(cut)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audio-read")
-        future = self._pool.submit(load_mono, cut)
+            return fn()
+        if self._pool is None or self._pid != os.getpid():  # a forked worker inherits no thread of its parent's
+            self._pool, self._pid = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audio-read"), os.getpid()
+        future = self._pool.submit(fn)
         try:
             return future.result(self.timeout)
         except concurrent.futures.TimeoutError:
@@ -160,6 +182,10 @@ def load_clean_and_noise(cut: Cut, snr_definition: str = "nemo") -> tuple[np.nda
     return result
 
 
+def _first(cut: Cut) -> Cut:
+    return cut.tracks[0].cut if isinstance(cut, MixedCut) else cut
+
+
 class NestDataset(torch.utils.data.Dataset):
     """Map-style dataset whose index is a SamplerItem; returns an AudioNoiseBatch.
 
@@ -167,63 +193,75 @@ class NestDataset(torch.utils.data.Dataset):
     is drawn with an RNG seeded from the run's seed and the batch, so a batch is the same whichever
     worker loads it, after a resume too, and validation noise is the same in every run. A cut whose
     audio fails to load (or takes longer than ``read_timeout`` s) is dropped from its batch and listed
-    in ``AudioNoiseBatch.failed``.
+    in ``AudioNoiseBatch.failed``. With ``mix_on_device`` the interference travels as a plan (``mix``),
+    its noise pieces drawn from ``bank`` when given (the mixer then draws from the bank's cuts). With
+    ``pcm16`` 16-bit sources travel as int16 (half the bytes); a worker that meets another kind of source
+    sends float32 from then on. Batches of both options are ``prepared`` where the model runs. With
+    ``buffers`` a worker reuses the shared memory of the batches the training process has pinned.
     """
 
     def __init__(self, sample_rate: int, mixer: Optional[NoiseMixer], seed: int, read_timeout: float = 0.0,
-                 with_targets: bool = False):
+                 with_targets: bool = False, mix_on_device: bool = False, bank: Optional[NoiseBank] = None,
+                 pcm16: bool = False, buffers: Optional[SharedBuffers] = None):
+        if bank is not None and not mix_on_device:
+            raise ValueError("a noise bank lives on the device: it needs mix_on_device")
+        self.pcm16, self.buffers = pcm16, buffers
         self.sample_rate = sample_rate
         self.mixer = mixer
         self.seed = seed
         self.read = TimedReader(read_timeout)
         self.with_targets = with_targets  # model.targets=kmeans: each cut's labels travel with the batch
+        self.mix_on_device, self.bank = mix_on_device, bank
 
     def __getitem__(self, item: SamplerItem) -> AudioNoiseBatch:
         cuts = [at_rate(c, self.sample_rate) for c in item.cuts]
-        snr_definition = "nemo"
+        definition = "nemo"
         if self.mixer is not None:
             cuts = self.mixer(cuts, random.Random(batch_seed(self.seed, item)))
-            snr_definition = self.mixer.cfg.snr_definition
-        loaded, ids, failed, targets = [], [], [], []
-        for cut, result in zip(cuts, load_batch_audio(cuts, self.read, snr_definition)):
+            definition = self.mixer.cfg.snr_definition
+        firsts = [_first(c) for c in cuts]
+        lengths = [c.num_samples for c in firsts]  # lhotse computes num_samples anew on every call
+        audio, errors = read_rows(firsts, self.read.run, self.pcm16, self.buffers, lengths)
+        self.pcm16 = audio.dtype == torch.int16 and self.pcm16  # float32 for good after a source that is not
+        keep, failed, targets = [], [], []
+        for i, (cut, error) in enumerate(zip(cuts, errors)):
             try:
-                if isinstance(result, Exception):
-                    raise result
+                if error is not None:
+                    raise error
                 if self.with_targets:
                     targets.append(load_targets(cut))
-                loaded.append(result)
-                ids.append(cut.id)
+                keep.append(i)
             except Exception as e:
                 failed.append((cut.id, f"{type(e).__name__}: {e}"))
                 log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
-        batch = collate(loaded, ids, failed, item, self.sample_rate)
+        if not keep:  # one second of silence: every rank still takes its step
+            if self.buffers is not None:
+                self.buffers.unused(audio.untyped_storage())
+            audio, lens = torch.zeros(1, self.sample_rate), torch.tensor([self.sample_rate])
+        else:
+            lens = torch.tensor([lengths[i] for i in keep], dtype=torch.int64)
+            if len(keep) < len(cuts):  # rows of failed cuts (maybe still written by a stalled read) are left behind
+                S = int(lens.max())
+                kept = new_tensor((len(keep), S), audio.dtype, self.buffers)
+                torch.index_select(audio[:, :S], 0, torch.tensor(keep), out=kept)
+                if self.buffers is not None:
+                    self.buffers.unused(audio.untyped_storage())
+                audio = kept
+        batch = AudioNoiseBatch(
+            audio=audio, audio_lens=lens, cut_ids=[cuts[i].id for i in keep], failed=failed,
+            audio_seconds=float(lens.sum()) / self.sample_rate if keep else 0.0,
+            epoch=item.epoch, index=item.index, worker=item.worker,
+        )
+        mixed = [cuts[i] for i in keep]
+        if any(isinstance(c, MixedCut) for c in mixed):
+            rows = {firsts[i].id: (firsts[i], row) for row, i in enumerate(keep)}
+            plan = plan_batch(mixed, audio.shape[1], rows, self.read, self.bank, definition)
+            if self.mix_on_device:
+                batch.mix = plan
+            else:
+                batch.noise = mix_in_worker(audio, lens, plan, new_tensor(audio.shape, buffers=self.buffers))
         if self.with_targets:
             batch.targets = collate_targets(targets) if targets else torch.full((1, 1, 1), IGNORE)
+        if self.buffers is not None:
+            batch.buffers = self.buffers.sent()
         return batch
-
-
-def _pad(arrays: Sequence[np.ndarray], S: int) -> torch.Tensor:
-    """(B, S) float32: each array at the start of its row, zeros after (only the tails are written twice)."""
-    out = torch.empty(len(arrays), S)
-    for i, a in enumerate(arrays):
-        out[i, : len(a)] = torch.from_numpy(a)
-        out[i, len(a):] = 0.0
-    return out
-
-
-def collate(loaded: Sequence[tuple[np.ndarray, Optional[np.ndarray]]], ids: list[str], failed: list[tuple[str, str]],
-            item: SamplerItem, sample_rate: int) -> AudioNoiseBatch:
-    """Pad clean and noise waveforms into one batch (one second of silence when nothing loaded); the noise tensor
-    is left out when no utterance of the batch has interference."""
-    if not loaded:
-        loaded = [(np.zeros(sample_rate, dtype=np.float32), None)]
-    lens = torch.tensor([len(c) for c, _ in loaded], dtype=torch.int64)
-    S = int(lens.max())
-    audio = _pad([c for c, _ in loaded], S)
-    mixed = any(n is not None for _, n in loaded)
-    noise = _pad([n if n is not None else np.zeros(0, np.float32) for _, n in loaded], S) if mixed else None
-    return AudioNoiseBatch(
-        audio=audio, audio_lens=lens, noise=noise, cut_ids=ids, failed=failed,
-        audio_seconds=sum(len(c) for c, _ in loaded) / sample_rate if ids else 0.0,
-        epoch=item.epoch, index=item.index, worker=item.worker,
-    )

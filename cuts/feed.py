@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import warnings
 from itertools import islice
@@ -32,10 +33,12 @@ from lhotse import CutSet
 from lhotse.serialization import deserialize_item
 
 from cuts.bins import Bins
+from cuts.buffers import SharedBuffers
 from cuts.config import DataConfig
 from cuts.dataset import NestDataset, at_rate, keep_freed_memory, load_mono
-from cuts.noise import NoiseMixer
+from cuts.mixing import NoiseBank
 from cuts.io import sha256_file
+from cuts.noise import NoiseMixer
 from cuts.sampler import (NO_BATCH, DurationFilter, EpochSampler, NoBatchError, build_sampler, combine_cuts,
                           estimated_bins, open_cuts)
 from cuts.shar import LazyCuts, SharStream, ShardProblems, is_shar, is_url, list_shards, shard_cuts
@@ -99,6 +102,45 @@ class SkipFirst:
         return islice(iter(self.loader), self.n, None)
 
 
+def resolve_workers(setting, local_world_size: int) -> int:
+    """``data.num_workers``: a number as given, or ``auto``: the cores this process may run on, shared by the
+    ranks of this machine, less one for each rank's training process (at least 1)."""
+    if setting != "auto":
+        return int(setting)
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this job was given, not the machine's
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size) - 1)
+
+
+def noise_bank(cfg: DataConfig, noise: PackedCuts, seed: int) -> Optional[NoiseBank]:
+    """The seeded sample of the noise set that lives on the device (data.noise_bank_seconds), or None."""
+    if cfg.noise_bank_seconds <= 0 or not len(noise):
+        return None
+    bank = NoiseBank.sample(noise, cfg.noise_bank_seconds, seed)
+    log.info("noise bank: %d noise cuts, %.0f s (%.0f MB on the device)", len(bank.cuts),
+             bank.num_samples / max(1, bank.cuts[0].sampling_rate), bank.num_samples * 4 / 1e6)
+    return bank
+
+
+def data_knobs(feed: "DataFeed") -> str:
+    """What would feed this run's training step faster, given its settings (for the data-wait warning)."""
+    c = feed.cfg
+    auto = resolve_workers("auto", max(1, feed.local_world_size))
+    knobs = [f"data.num_workers (now {feed.num_workers}; auto gives {auto} on this machine)"]
+    if not feed.shar:
+        knobs.append("Lhotse Shar shards with WAV audio (`nest-prepare shar CUTS OUT --audio-format wav`: no "
+                     "decoding, twice the bytes of FLAC)")
+    else:
+        knobs.append("shards with WAV audio if these hold FLAC (`nest-prepare shar --audio-format wav`)")
+    if not c.mix_on_device:
+        knobs.append("data.mix_on_device=true data.noise_bank_seconds=3600 (workers then decode clean audio only)")
+    elif c.noise_bank_seconds <= 0:
+        knobs.append("data.noise_bank_seconds=3600 (noise from device memory: workers decode clean audio only)")
+    return "; ".join(knobs)
+
+
 def _digest(path: Optional[str]) -> Optional[str]:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12] if path and Path(path).is_file() else path
 
@@ -132,18 +174,23 @@ class DataFeed:
         self.consumed = 0  # Shar: batches consumed by this rank
         self._pending: list = []
         self._contents: Optional[list] = None  # content_digest of each of data.train_cuts
-        self.world_size, self.rank, self.pin_memory = 1, 0, False
+        self.world_size, self.rank, self.pin_memory, self.local_world_size = 1, 0, False, 1
+        self.num_workers = resolve_workers(cfg.num_workers, 1)
+        self.bank: Optional[NoiseBank] = None  # the noise bank of the training loader (data.noise_bank_seconds)
 
     # ---- set-up ------------------------------------------------------------------------------------
-    def place(self, world_size: int, rank: int, pin_memory: bool) -> None:
-        """Where this process stands: the world size and its rank, and whether batches go to a CUDA device."""
+    def place(self, world_size: int, rank: int, pin_memory: bool, local_world_size: int = 1) -> None:
+        """Where this process stands: the world size and its rank, whether batches go to a CUDA device, and how
+        many ranks share this machine (data.num_workers=auto)."""
         self.world_size, self.rank, self.pin_memory = world_size, rank, pin_memory
+        self.local_world_size = local_world_size
+        self.num_workers = resolve_workers(self.cfg.num_workers, local_world_size)
 
     def _rank(self) -> tuple[int, int]:
         return self.world_size, self.rank
 
     def _workers(self) -> int:
-        return max(1, self.cfg.num_workers)
+        return max(1, self.num_workers)
 
     def _shar_bins(self) -> Bins:
         """Bins estimated from the first cut manifests (no audio), when data.bins is not given: every worker's
@@ -208,20 +255,29 @@ class DataFeed:
     # ---- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            dataset, sampler=sampler, batch_size=None, num_workers=self.cfg.num_workers,
+            dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
             worker_init_fn=WorkerInit(seed, self.rank), persistent_workers=False, pin_memory=self.pin_memory,
-            prefetch_factor=2 if self.cfg.num_workers > 0 else None,
+            prefetch_factor=2 if self.num_workers > 0 else None,
         )
+
+    def _train_dataset(self, read_timeout: float) -> NestDataset:
+        """Workers send 16-bit audio as int16, and recycle their shared memory when batches are pinned; the
+        module ``prepare``s each batch on the device."""
+        noise = load_noise(self.cfg.noise_cuts, self.sample_rate, self.seed)
+        self.bank = noise_bank(self.cfg, noise, self.seed)
+        mixer = NoiseMixer(self.cfg.noise, self.bank.cuts if self.bank is not None else noise)
+        recycle = self.pin_memory and self.num_workers > 0
+        return NestDataset(self.sample_rate, mixer, self.seed, read_timeout, self.with_targets,
+                           mix_on_device=self.cfg.mix_on_device, bank=self.bank, pcm16=True,
+                           buffers=SharedBuffers(self.num_workers) if recycle else None)
 
     def train_dataloader(self):
         world, rank = self._rank()
-        mixer = NoiseMixer(self.cfg.noise, load_noise(self.cfg.noise_cuts, self.sample_rate, self.seed))
         if not self.shar:
             cuts = combine_cuts(self.cfg.train_cuts, self.cfg.train_weights, self.seed)
             sampler = EpochSampler(self._sampler(cuts, self.seed, world, rank), endless=True)
             sampler.position = (self.epoch, self.batches_done)
-            return self._loader(NestDataset(self.sample_rate, mixer, self.seed, self.cfg.read_timeout, self.with_targets), sampler,
-                                self.seed)
+            return self._loader(self._train_dataset(self.cfg.read_timeout), sampler, self.seed)
         if self.bins is None:
             self.bins = self._shar_bins()
         W = self._workers()
@@ -236,10 +292,10 @@ class DataFeed:
             e, i = self.last.get(w, (self.epoch, -1))
             starts[w] = (e, i) if w < offset else (e, i + 1)
         stream = SharStream(
-            self.cfg.train_cuts, rank, world, self.cfg.num_workers, self.seed,
+            self.cfg.train_cuts, rank, world, W, self.seed,
             make_sampler=lambda cuts, seed: self._sampler(cuts, seed, 1, 0), keep=DurationFilter(
                 self.cfg.min_duration, self.cfg.max_duration),
-            dataset=NestDataset(self.sample_rate, mixer, self.seed, 0.0, self.with_targets), starts=starts, read_timeout=self.cfg.read_timeout,
+            dataset=self._train_dataset(0.0), starts=starts, read_timeout=self.cfg.read_timeout,
         )
         return SkipFirst(self._loader(stream, seed=self.seed), offset)
 
@@ -252,8 +308,8 @@ class DataFeed:
         sampler = EpochSampler(self._sampler(cuts, self.seed, world, rank, train=False), endless=False)
         # Validation noise has a seed of its own so that val loss compares across runs of any seed.
         mixer = NoiseMixer(self.cfg.noise, load_noise(self.cfg.noise_cuts, self.sample_rate, 0))
-        return self._loader(NestDataset(self.sample_rate, mixer, 0, self.cfg.read_timeout, self.with_targets), sampler,
-                            seed=0)
+        return self._loader(NestDataset(self.sample_rate, mixer, 0, self.cfg.read_timeout, self.with_targets, pcm16=True),
+                            sampler, seed=0)
 
     # ---- position ------------------------------------------------------------------------------------
     def batch_done(self, batch, window_end: bool) -> None:

@@ -11,7 +11,7 @@ consecutive stretches of one noise cut, read from a random offset (when it is lo
 and repeated when it is shorter. Speech mode: ``num_speakers`` other utterances of the batch, taken in turn
 for the segments (then at random), each segment from a random offset of its speaker.
 
-SNR (``snr_definition``): ``nemo`` scales all pieces by one gain so that the clean utterance's mean energy
+SNR (``snr_definition``, applied by cuts/mixing.py): ``nemo`` scales all pieces by one gain so that the clean utterance's mean energy
 over the interference's mean energy across the whole utterance (zeros outside the segments) is the drawn
 SNR, as NeMo does; ``segment`` scales each piece on its own against the clean utterance's mean energy, as
 lhotse mixes a MixedCut track. With mix_rate 0.5 the segment definition is 3 dB quieter.
@@ -25,9 +25,11 @@ import random
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from lhotse.cut import Cut, MixedCut
 
 from cuts.config import NoiseConfig
+from cuts.mixing import mix_in_worker, plan_batch
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +130,19 @@ class NoiseMixer:
         return mixed
 
 
-def _energy(x: np.ndarray) -> float:
-    """Sum of squares (float32 BLAS dot product: far faster than a float64 copy, precise enough for an SNR)."""
-    return float(np.dot(x, x))
-
-
 Reader = Callable[[Cut], np.ndarray]
 
 
 def load_batch_audio(
     cuts: Sequence[Cut], read: Reader, snr_definition: str = "nemo"
 ) -> list[Union[tuple[np.ndarray, Optional[np.ndarray]], Exception]]:
-    """(clean, noise) float32 waveforms of each cut of a batch (noise None where the cut has none), or the
-    Exception that its audio raised.
+    """(clean, noise) float32 waveforms of each cut of a batch (noise None where the cut is not a MixedCut), or
+    the Exception that its audio raised; the batch's interference as ``cuts.mixing`` places and scales it.
 
-    ``read(cut) -> (num_samples,) float32`` reads one cut (lhotse reads only the cut's span of the file);
-    every read goes through it. Each utterance is decoded once: a speech-in-speech piece is sliced from
-    the batch's own decoded copy of its speaker. Noise pieces are read as the spans they cover. A failing
-    noise piece costs only that piece (logged); a failing utterance gives its Exception.
+    ``read(cut) -> (num_samples,) float32`` reads one cut (only the cut's span of the file); every read goes
+    through it. Each utterance is read once: a speech-in-speech piece is sliced from the batch's own copy of
+    its speaker. A failing noise piece costs only that piece (logged); a failing utterance gives its Exception.
+    (NestDataset does the same into one batch tensor; this per-cut form is for tests and tools.)
     """
     if snr_definition not in SNR_DEFINITIONS:
         raise ValueError(f"snr_definition={snr_definition!r}: use one of {SNR_DEFINITIONS}")
@@ -156,50 +153,17 @@ def load_batch_audio(
             clean.append(read(first))
         except Exception as e:  # reported by the caller, which drops the cut
             clean.append(e)
-    decoded = {f.id: (f, a) for f, a in zip(firsts, clean) if not isinstance(a, Exception)}
-    out: list[Union[tuple[np.ndarray, Optional[np.ndarray]], Exception]] = []
-    for cut, audio in zip(cuts, clean):
-        if isinstance(audio, Exception) or not isinstance(cut, MixedCut):
-            out.append(audio if isinstance(audio, Exception) else (audio, None))
-            continue
-        out.append((audio, _interference(cut, audio, decoded, read, snr_definition)))
+    kept = [i for i, a in enumerate(clean) if not isinstance(a, Exception)]
+    S = max((len(clean[i]) for i in kept), default=0)
+    audio = torch.zeros(len(kept), S)
+    for row, i in enumerate(kept):
+        audio[row, : len(clean[i])] = torch.from_numpy(clean[i])
+    lens = torch.tensor([len(clean[i]) for i in kept], dtype=torch.int64)
+    rows = {firsts[i].id: (firsts[i], row) for row, i in enumerate(kept)}
+    plan = plan_batch([cuts[i] for i in kept], S, rows, read, None, snr_definition)
+    noise = mix_in_worker(audio, lens, plan, torch.empty(len(kept), S))
+    out: list = list(clean)
+    for row, i in enumerate(kept):
+        n = len(clean[i])
+        out[i] = (clean[i], noise[row, :n].numpy() if isinstance(cuts[i], MixedCut) else None)
     return out
-
-
-def _piece_audio(piece: Cut, decoded: dict, read: Reader) -> np.ndarray:
-    """A piece's samples: sliced from an utterance of the batch when it is one, else read."""
-    hit = decoded.get(piece.id)
-    if hit is not None and hit[0].recording_id == piece.recording_id:
-        whole, audio = hit
-        start = round((piece.start - whole.start) * piece.sampling_rate)
-        return audio[start : start + piece.num_samples]
-    return read(piece)
-
-
-def _interference(cut: MixedCut, clean: np.ndarray, decoded: dict, read: Reader, snr_definition: str) -> np.ndarray:
-    """The MixedCut's tracks after the first, placed and scaled by the SNR definition, unmixed."""
-    sr, n = cut.tracks[0].cut.sampling_rate, len(clean)
-    noise = np.zeros_like(clean)
-    clean_energy = _energy(clean)
-    snr = None
-    for track in cut.tracks[1:]:
-        try:
-            piece = _piece_audio(track.cut, decoded, read)
-        except Exception as e:  # a bad noise file must not cost the utterance
-            log.warning("skipping interference %s of cut %s: %s", track.cut.id, cut.id, e)
-            continue
-        start = int(round(track.offset * sr))
-        piece = piece[: max(0, n - start)]
-        snr = track.snr
-        if snr_definition == "segment" and snr is not None:
-            added = _energy(piece)
-            if clean_energy > 0 and added > 0:
-                # Mean energies: the clean utterance's over n samples, the piece's over its own length.
-                piece = piece * np.float32(np.sqrt(clean_energy / n * 10 ** (-snr / 10) / (added / len(piece))))
-        noise[start : start + len(piece)] += piece
-    if snr_definition == "nemo" and snr is not None:
-        added = _energy(noise)
-        # NeMo: both mean energies over the utterance's length, and no noise when either is silent.
-        gain = np.sqrt(clean_energy / (10 ** (snr / 10) * added)) if added > 0 else 0.0
-        noise *= np.float32(gain)
-    return noise

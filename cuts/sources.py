@@ -29,6 +29,8 @@ from cuts.prepare import (
 
 log = logging.getLogger(__name__)
 RECIPES = ("librispeech", "mini_librispeech", "musan")
+# The audio formats of lhotse's Shar writer (lhotse.shar.writers.shar.resolve_writer); lossless first.
+SHAR_AUDIO_FORMATS = ("flac", "wav", "mp3", "opus")
 SHAR_STREAMS_HINT = 16  # streams of a common run (8 GPUs x 2 workers): fewer shards than this get a warning at export
 
 
@@ -304,16 +306,21 @@ def prepare_recipe(
         return finish(writer, f"{corpus} at {corpus_dir}")
 
 
-def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: int = 0) -> dict:
-    """``prepare.py shar``: a CutSet with its audio as FLAC in Lhotse Shar shards, in a seeded random
-    order, and ``shar_index.json`` naming the shards (for URLs). The folder appears complete or not at all;
-    a cut whose audio fails to load is reported and left out. Fields other than the audio (k-means
-    ``targets``) stay references to their files, which must be readable where training runs. Training reads the
-    shards with world size x data.num_workers streams, one shard at least each: the result and a log line say how many
-    the export feeds."""
+def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: int = 0,
+                audio_format: str = "flac") -> dict:
+    """``prepare.py shar``: a CutSet with its audio in Lhotse Shar shards, in a seeded random order, and
+    ``shar_index.json`` naming the shards (for URLs). ``audio_format`` is any audio format of lhotse's Shar
+    writer (``SHAR_AUDIO_FORMATS``): flac (16-bit, about half the bytes of wav, decoded at a few thousand
+    audio-s/s a core) or wav (16-bit PCM, read almost for free; see BENCHMARKS.md). The folder appears
+    complete or not at all; a cut whose audio fails to load is reported and left out. Fields other than the
+    audio (k-means ``targets``) stay references to their files, which must be readable where training runs.
+    Training reads the shards with world size x data.num_workers streams, one shard at least each: the result
+    and a log line say how many the export feeds."""
     from lhotse.cut.set import deserialize_cut
     from lhotse.shar import SharWriter
 
+    if audio_format not in SHAR_AUDIO_FORMATS:
+        raise ValueError(f"--audio-format {audio_format!r}: use one of {', '.join(SHAR_AUDIO_FORMATS)}")
     out_dir = Path(out_dir)
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: give at least 1 cut per shard")
@@ -326,7 +333,7 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
             shuffle.add(str(d.get("id")), json.dumps([where, d]))
         tmp.mkdir(parents=True)
         written = 0
-        with SharWriter(tmp, fields={"recording": "flac"}, shard_size=shard_size) as writer:
+        with SharWriter(tmp, fields={"recording": audio_format}, shard_size=shard_size) as writer:
             for line in tqdm(shuffle.shuffled(), total=shuffle.count, desc="shar"):
                 where, d = json.loads(line)
                 try:

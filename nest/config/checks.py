@@ -74,7 +74,13 @@ def validate(cfg: RunConfig) -> None:
                    "trainer.num_nodes", "model.masking.block_size", "model.quantizer.num_classes",
                    "model.quantizer.num_books", "model.encoder.n_layers", "model.preprocessor.sample_rate"],
              lambda v: v >= 1, "an integer >= 1")
-    _require(cfg, ["data.num_workers", "optim.warmup_steps"], lambda v: v >= 0, "an integer >= 0")
+    _require(cfg, ["optim.warmup_steps"], lambda v: v >= 0, "an integer >= 0")
+    _require(cfg, ["data.num_workers"], lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+             "auto or an integer >= 0")
+    _require(cfg, ["data.noise_bank_seconds"], lambda v: v >= 0 and math.isfinite(v), ">= 0 (seconds)")
+    if data.noise_bank_seconds > 0 and not data.mix_on_device:
+        raise ConfigError(f"data.noise_bank_seconds={data.noise_bank_seconds} needs data.mix_on_device=true: the "
+                          f"bank lives in device memory, where the noise is mixed")
     _require(cfg, ["trainer.keep_last"], lambda v: v >= -1, "-1 (keep all) or a number of checkpoints >= 0")
     if data.min_duration > data.max_duration:
         raise ConfigError(f"data.min_duration={data.min_duration} is above data.max_duration={data.max_duration}")

@@ -1,9 +1,10 @@
 """Lightning's view of the data feed (cuts.feed.DataFeed): its loaders and its position in checkpoints."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 
 from cuts.dataset import AudioNoiseBatch
 from cuts.feed import DataFeed
@@ -16,11 +17,20 @@ class NestDataModule(pl.LightningDataModule):
     def __init__(self, feed: DataFeed):
         super().__init__()
         self.feed = feed
+        self._bank: Optional[torch.Tensor] = None
 
     def setup(self, stage: str) -> None:
         # Called once the strategy knows the world: before loaders are made and checkpoints restored.
         cuda = self.trainer.strategy.root_device.type == "cuda"
-        self.feed.place(self.trainer.world_size, self.trainer.global_rank, pin_memory=cuda)
+        self.feed.place(self.trainer.world_size, self.trainer.global_rank, pin_memory=cuda,
+                        local_world_size=self.trainer.num_devices)
+
+    def noise_bank(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The training loader's noise bank in ``device`` memory, decoded and moved once (None without one)."""
+        if self._bank is None or self._bank.device != device:
+            bank = self.feed.bank
+            self._bank = None if bank is None else bank.samples().to(device)
+        return self._bank
 
     def train_dataloader(self):
         return self.feed.train_dataloader()

@@ -69,6 +69,9 @@ class LogWindow:
     seen: int  # cuts of the window, loaded or not
     batches: int  # per rank
     first_failures: list
+    data_wait_fraction: float = 0.0  # of the window's time, the training loop waited for batches (mean over ranks)
+    step_seconds: float = 0.0  # the window's time per batch
+    windows: int = 0  # logging windows of this process so far, this one included
 
 
 def reduce(device: torch.device, host: dict[str, float], on_device: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -94,6 +97,7 @@ class RunMeters:
         self.window = Window()
         self._loss: dict[str, torch.Tensor] = {}
         self._last_batch_end: Optional[float] = None
+        self.windows = 0  # logging windows of this process
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.totals)
@@ -177,9 +181,12 @@ class RunMeters:
         if v["metrics_weight"]:
             metrics.update({k: v[k] / v["metrics_weight"] for k in metrics_sums})
         self.window = Window()
+        self.windows += 1
+        batches = int(v["batches"] / world)
         return LogWindow(metrics, mean_loss, new_skips, round(v["consecutive"] / world), int(v["window_failed_cuts"]),
-                         int(v["window_cuts"] + v["window_failed_cuts"]), int(v["batches"] / world),
-                         w.first_failures)
+                         int(v["window_cuts"] + v["window_failed_cuts"]), batches, w.first_failures,
+                         data_wait_fraction=v["data_wait"] / world / elapsed, step_seconds=elapsed / max(batches, 1),
+                         windows=self.windows)
 
     def fold(self, device: torch.device, skipped: torch.Tensor, with_loss: bool = False) -> None:
         """Add every rank's pending counts to the totals (a collective: called on all ranks), before a checkpoint
@@ -202,6 +209,21 @@ class RunMeters:
             "last_loss": t.last_loss, "cuts_seen": t.cuts, "failed_cuts": t.failed_cuts,
             "skipped_steps": t.skipped_steps, "oom_retries": t.oom_retries,
         }
+
+
+DATA_WAIT_WARNING = 0.10  # of the step time, past which a run says once that data loading holds it up
+
+
+def data_wait_warning(report: LogWindow, knobs: str) -> Optional[str]:
+    """After warm-up (the first logging window: workers start, prefetch fills), the message for a window in which
+    the training loop waited for data more than DATA_WAIT_WARNING of the time; None otherwise."""
+    if report.windows < 2 or report.data_wait_fraction <= DATA_WAIT_WARNING:
+        return None
+    wait = report.data_wait_fraction * report.step_seconds
+    return (f"the training step waited for data {report.data_wait_fraction:.0%} of the time over the last "
+            f"{report.batches} steps ({wait * 1000:.0f} ms of each {report.step_seconds * 1000:.0f} ms step, "
+            f"{report.metrics['train/audio_s_per_s']:.0f} audio-s/s): the dataloader workers do not keep up. "
+            f"What feeds them faster: {knobs} (BENCHMARKS.md, data path per worker). Said once per run.")
 
 
 def check_window(report: LogWindow, max_bad_steps: int, max_failed_fraction: float, step: int) -> None:

@@ -17,12 +17,13 @@ import torch
 from pytorch_lightning.strategies import ParallelStrategy
 
 from cuts.dataset import AudioNoiseBatch
+from cuts.feed import data_knobs
 from nest.config.schema import OptimConfig
 from nest.objectives import build_model
 from nest.objectives.config import ModelConfig, model_config_from_dict
 from nest.training import lightning_private
 from nest.training.distributed import all_reduce_
-from nest.training.meters import RunMeters, check_window
+from nest.training.meters import RunMeters, check_window, data_wait_warning
 from nest.training.optim import make_optimizer
 from nest.training.step import GuardedStep, StepOptions, batch_torch_seed, forward_batch
 
@@ -45,6 +46,7 @@ class NestLightningModule(pl.LightningModule):
         self.guard: Optional[GuardedStep] = None  # built once the strategy has set the model up
         self.progress: dict[str, str] = {}  # the progress bar's numbers, on the host, set on logging steps
         self._val_sums: dict[str, torch.Tensor] = {}  # weighted by cuts, on the device, over a validation round
+        self._warned_data_wait = False
 
     def forward(self, batch: AudioNoiseBatch):
         return forward_batch(self.model, batch)
@@ -79,6 +81,8 @@ class NestLightningModule(pl.LightningModule):
 
     def training_step(self, batch: AudioNoiseBatch, batch_idx: int) -> None:
         self.model.set_num_updates(self.global_step)  # w2vbert's Gumbel temperature follows the step
+        # On the device: 16-bit audio to float32, and the interference of data.mix_on_device (from the noise bank).
+        batch = batch.prepared(self.trainer.datamodule.noise_bank(self.device) if batch.mix is not None else None)
         done = self.guard(batch, self)
         self.last_loss = done.loss  # (device) read by tests' traces, never by the step
         # A batch with nothing masked has no loss (its 0 would read as a perfect step in the logged mean).
@@ -113,6 +117,12 @@ class NestLightningModule(pl.LightningModule):
             log.warning("%d steps skipped for a non-finite loss or gradient since the last log (%d in all)",
                         report.new_skips, self.meters.totals.skipped_steps)
         check_window(report, self.step_cfg.max_bad_steps, self.step_cfg.max_failed_fraction, self.global_step)
+        if not self._warned_data_wait:
+            message = data_wait_warning(report, data_knobs(self.trainer.datamodule.feed))
+            if message is not None:
+                self._warned_data_wait = True
+                if self.global_rank == 0:
+                    log.warning(message)
 
     # ---- validation --------------------------------------------------------------------------------
     def on_validation_model_zero_grad(self) -> None:
@@ -126,6 +136,7 @@ class NestLightningModule(pl.LightningModule):
         # A batch whose cuts all failed holds silence and weighs 0, but runs: every rank must reach the
         # reduction of on_validation_epoch_end with the same metric names.
         weight = float(len(batch))
+        batch = batch.prepared()  # validation noise is mixed in the workers
         # Seeded masks: validation loss compares across runs and across validation rounds.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)

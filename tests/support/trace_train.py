@@ -132,14 +132,14 @@ def main() -> None:
     if fail_rank is not None:
         from cuts import dataset
 
-        read = dataset.TimedReader.__call__
+        read = dataset.TimedReader.run  # every read of a cut's audio goes through it
 
-        def failing(self, cut):
+        def failing(self, fn, cut):
             if int(os.environ.get("LOCAL_RANK", 0)) == int(fail_rank):
                 raise OSError(f"injected failure of {cut.id}")
-            return read(self, cut)
+            return read(self, fn, cut)
 
-        dataset.TimedReader.__call__ = failing
+        dataset.TimedReader.run = failing
     train(load_config(config, overrides))
 
 

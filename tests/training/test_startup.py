@@ -38,6 +38,9 @@ def test_a_list_key_takes_one_path(tiny_corpus, tmp_path):
     ("trainer.strategy=ddp_spawn", "trainer.strategy", "ddp"),
     ("trainer.keep_last=-5", "trainer.keep_last", "-1"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches", ">= 1"),
+    ("data.num_workers=-1", "data.num_workers", "auto or an integer"),
+    ("data.num_workers=many", "data.num_workers", "auto or an integer"),
+    ("data.noise_bank_seconds=600", "data.noise_bank_seconds", "data.mix_on_device=true"),
 ])
 def test_values_out_of_range_name_key_and_range(override, key, fix):
     with pytest.raises(ConfigError) as e:

@@ -1,4 +1,5 @@
-"""Inputs at scale: URLs through lhotse's I/O, stalled reads, corrupt lines and shards, a shared noise set."""
+"""Inputs at scale: URLs through lhotse's I/O, stalled reads, corrupt lines and shards, a shared noise set, WAV shards with
+noise from the device bank resumed exactly, the warning of a run that waits for data."""
 import contextlib
 import gzip
 import time
@@ -11,6 +12,7 @@ from cuts.dataset import TimedReader
 from cuts.feed import PackedCuts
 from cuts.sampler import open_cuts
 from cuts.shar import ShardProblems, list_shards, shard_cuts, write_shar_index
+from tests.conftest import tiny_overrides
 
 
 def test_manifests_and_shar_from_urls(tiny_corpus, tmp_path):
@@ -102,3 +104,66 @@ def test_resume_auto_takes_last_ckpt_not_lightnings_signal_handler_checkpoints(t
     torch.save({"state_dict": {}}, ckpts / "last.ckpt")  # start-up checks that it loads
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"y")
     assert find_resume(cfg, tmp_path) == str(ckpts / "last.ckpt")
+
+
+def test_the_read_watchdog_works_in_a_worker_forked_after_the_parent_read(tiny_corpus):
+    # A forked process inherits the parent's thread pool object but not its thread: reads would wait forever.
+    import multiprocessing
+
+    cut = next(iter(CutSet.from_file(tiny_corpus["train"])))
+    reader = TimedReader(3.0)
+    reader(cut)  # the parent starts its watchdog thread
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.SimpleQueue()
+    child = ctx.Process(target=lambda: result.put(_length_or_error(reader, cut)))  # inherited, not pickled
+    child.start()
+    child.join(30)
+    assert result.get() == cut.num_samples
+
+
+def _length_or_error(reader, cut):
+    try:
+        return len(reader(cut))
+    except Exception as e:
+        return repr(e)
+
+
+def test_kill_and_resume_from_wav_shards_mixing_noise_from_the_device_bank(tiny_corpus, tmp_path):
+    from cuts.sources import export_shar
+    from tests.support.runs import records, trace_run
+
+    export_shar(tiny_corpus["train"], tmp_path / "shar", shard_size=4, seed=2, audio_format="wav")
+    common = {"trainer.max_steps": 10, "trainer.checkpoint_every_n_steps": 4, "data.num_workers": 2,
+              "data.train_cuts": f"[{tmp_path / 'shar'}]", "data.val_cuts": "[]", "data.batch_duration": 10,
+              "data.mix_on_device": "true", "data.noise_bank_seconds": 20, "data.noise.prob": 1.0}
+    assert trace_run(tmp_path / "a.jsonl", -1, tiny_overrides(tiny_corpus, tmp_path / "a", **common)) == 0
+    b = tiny_overrides(tiny_corpus, tmp_path / "b", **common, resume="auto")
+    assert trace_run(tmp_path / "b.jsonl", 6, b) == -9  # killed after step 6; last checkpoint at step 4
+    assert trace_run(tmp_path / "b.jsonl", -1, b) == 0
+    a = {r["step"]: r for r in records(tmp_path / "a.jsonl")}
+    resumed = {r["step"]: r for r in records(tmp_path / "b.jsonl")}  # the last record of each step
+    assert sorted(a) == sorted(resumed) == list(range(1, 11))
+    for step, r in a.items():  # the same cuts, and the same noise: the loss depends on it
+        assert resumed[step]["cut_ids"] == r["cut_ids"], step
+        assert resumed[step]["loss"] == pytest.approx(r["loss"], rel=1e-6, abs=1e-6), step
+
+
+def test_a_run_waiting_for_data_says_so_once_with_the_knobs(tiny_corpus, tmp_path, monkeypatch, caplog):
+    from cuts.dataset import NestDataset
+    from nest.config import load_config
+    from nest.training.run import train
+    from tests.conftest import ROOT
+
+    load = NestDataset.__getitem__
+
+    def slow(self, item):  # storage slower than the step: the loop waits for every batch
+        time.sleep(0.3)
+        return load(self, item)
+
+    monkeypatch.setattr(NestDataset, "__getitem__", slow)
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(tiny_corpus, tmp_path / "exp", **{
+        "trainer.max_steps": 9, "trainer.log_every_n_steps": 3, "data.num_workers": 0, "data.val_cuts": "[]"}))
+    train(cfg)
+    said = [r.getMessage() for r in caplog.records if "waited for data" in r.getMessage()]
+    assert len(said) == 1
+    assert "data.num_workers (now 0" in said[0] and "--audio-format wav" in said[0] and "data.mix_on_device" in said[0]
