@@ -63,7 +63,10 @@ class ConvSubsampling(nn.Module):
     kernels index with 32 bits (pytorch#80020). As NeMo's ``subsampling_conv_chunking_factor``:
     1 runs the batch in chunks of utterances only when that output would pass ``chunk_elements``;
     a power of 2 always splits the batch into that many chunks; -1 never splits. Decided from
-    shapes alone, so it costs no host-device synchronisation.
+    shapes alone, so it costs no host-device synchronisation. The chunks come from ``tensor_split``
+    into a number of chunks that does not depend on the batch size (1, or the power of 2), so that
+    under torch.compile with a dynamic batch dimension the split adds no guard on the batch size;
+    the only guard is the 2^31 test itself, which every batch below the limit passes.
     """
 
     chunk_elements = 2**31  # a class attribute so that tests can force chunking on small inputs
@@ -85,17 +88,18 @@ class ConvSubsampling(nn.Module):
             freq = (freq - 1) // 2 + 1
         self.out = nn.Linear(channels * freq, d_model)
 
-    def chunk_size(self, batch: int, frames: int, feat_in: int) -> int:
-        """Utterances per chunk for a (batch, frames, feat_in) input; ``batch`` when no split is needed."""
+    def num_chunks(self, batch: int, frames: int, feat_in: int) -> int:
+        """How many chunks of utterances a (batch, frames, feat_in) input is run in; 1: no split."""
         if self.chunking_factor == -1:
-            return batch
+            return 1
         if self.chunking_factor > 1:
-            return max(1, batch // self.chunking_factor)
+            return self.chunking_factor
         per_utterance = self.channels * ((frames - 1) // 2 + 1) * ((feat_in - 1) // 2 + 1)
         if batch * per_utterance <= self.chunk_elements:
-            return batch
+            return 1
         # One utterance past the limit alone (over an hour of audio) cannot be split by utterance.
-        return max(1, self.chunk_elements // per_utterance)
+        per_chunk = max(1, self.chunk_elements // per_utterance)
+        return -(-batch // per_chunk)
 
     def _conv(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x[:, None]  # (B, 1, T, F)
@@ -111,11 +115,11 @@ class ConvSubsampling(nn.Module):
         return x, lens  # (B, C, T', F')
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.chunk_size(*x.shape)
-        if size >= x.shape[0]:
+        chunks = self.num_chunks(*x.shape)
+        if chunks == 1:
             x, lens = self._conv(x, lens)
-        else:
-            parts = [self._conv(xc, lc) for xc, lc in zip(x.split(size), lens.split(size))]
+        else:  # chunks of equal size (to within one utterance); empty ones when the batch is smaller
+            parts = [self._conv(xc, lc) for xc, lc in zip(x.tensor_split(chunks), lens.tensor_split(chunks))]
             x, lens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lens

@@ -1,6 +1,8 @@
 """What every objective shares: the mel front end and the FastConformer encoder, and the unmasked encoding."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -33,11 +35,16 @@ class EncoderModel(nn.Module):
         """Modules built after the encoder."""
 
     def compile_encoder(self, **kwargs) -> None:
-        """Compile the encoder in place with torch.compile (``model.compile``); state dict keys are kept.
+        """Compile the encoder's forward with torch.compile (``model.compile``); state dict keys are kept.
 
-        The first steps of each new input shape are slow while it compiles; ``kwargs`` go to torch.compile.
+        Batch and time are marked dynamic on every call (``mark_dynamic_dims``), so that the first graph
+        already serves every bucket's shape: torch's default compiles a static graph first, then one per
+        dimension it sees change, and ``dynamic=False`` compiles one per shape until it reaches the
+        recompile limit and runs eagerly. A batch of one utterance still gets a graph of its own (torch
+        specialises sizes 0 and 1). ``kwargs`` go to torch.compile.
         """
-        self.encoder.compile(**kwargs)
+        self.encoder.forward = torch.compile(self.encoder.forward, **kwargs)
+        self.encoder.register_forward_pre_hook(mark_dynamic_dims, with_kwargs=True)
 
     def set_num_updates(self, step: int) -> None:
         """The training step, for objectives whose schedule depends on it (nothing here)."""
@@ -58,6 +65,16 @@ class EncoderModel(nn.Module):
         """Unmasked encoder output for audio (B, S): (B, D, T'), lengths[, one (B, D, T') per layer]."""
         feats, lens = self.preprocessor(audio, audio_lens)
         return self.encoder(feats, lens, return_layers=return_layers)
+
+
+def mark_dynamic_dims(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a compiled encoder, run before its compiled forward: batch and time of the inputs are
+    dynamic. Features are (B, feat_in, T), or (B, T', D) with ``bypass_pre_encode``."""
+    given = inspect.signature(type(encoder).forward).bind(encoder, *args, **kwargs).arguments
+    feats = given["feats"]
+    torch._dynamo.mark_dynamic(feats, 0)
+    torch._dynamo.mark_dynamic(feats, 1 if given.get("bypass_pre_encode") else 2)
+    torch._dynamo.mark_dynamic(given["feat_lens"], 0)
 
 
 def select_layers(spec: str, n_layers: int) -> list[int]:

@@ -40,7 +40,8 @@ def test_chunked_subsampling_equals_plain(monkeypatch, factor):
         out, out_lens = encoder(feats, lens)
         sizes_chunked, sizes[:] = list(sizes), []
         ref, ref_lens = plain(feats, lens)
-    assert sizes_chunked == ([2, 2, 1] if factor == 1 else [1, 1, 1, 1, 1])
+    # factor 1: as few chunks as fit under the limit (3 of at most 2); 4: four chunks, whatever the batch size.
+    assert sizes_chunked == ([2, 2, 1] if factor == 1 else [2, 1, 1, 1])
     assert sizes == [5]
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(out_lens, ref_lens)
@@ -49,9 +50,12 @@ def test_chunked_subsampling_equals_plain(monkeypatch, factor):
 def test_chunking_threshold_is_nemos():
     sub = ConvSubsampling(80, 512, 256, 8)
     per_utterance = 256 * 50_000 * 40  # 100,000 frames (1,000 s) of 80 bins
-    assert sub.chunk_size(4, 100_000, 80) == 4  # 2.05e9 elements: under 2^31
-    assert sub.chunk_size(5, 100_000, 80) == 2**31 // per_utterance == 4
-    assert sub.chunk_size(1, 500_000, 80) == 1  # one utterance past the limit cannot be split
+    assert sub.num_chunks(4, 100_000, 80) == 1  # 2.05e9 elements: under 2^31
+    assert 2**31 // per_utterance == 4
+    assert sub.num_chunks(5, 100_000, 80) == 2  # 4 + 1 utterances
+    assert sub.num_chunks(9, 100_000, 80) == 3
+    assert sub.num_chunks(1, 500_000, 80) == 1  # one utterance past the limit cannot be split
+    assert ConvSubsampling(80, 512, 256, 8, chunking_factor=4).num_chunks(2, 100, 80) == 4  # two of them empty
 
 
 def test_post_conv_masks_subsampled_frames_and_trains():
