@@ -27,3 +27,8 @@ class NonFiniteLossError(RuntimeError):
 
 class DataLoadError(RuntimeError):
     """Too many cuts of the recent batches failed to load."""
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot give batch sizes (one utterance does not fit, the device failed); the message says why
+    and what to do."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from nest.config.schema import RunConfig
 from nest.errors import CheckpointError, ConfigError, DataLoadError, NonFiniteLossError
 from nest.io.checkpoint import config_differences, load_state, load_weights, selected
 from nest.training import lightning_private
+from nest.training.allocator import use_training_allocator
 from nest.training.data import NestDataModule
 from nest.training.module import NestLightningModule, make_module
 from nest.training.preflight import preflight
@@ -187,9 +187,7 @@ def _clean_error(e: BaseException) -> Optional[BaseException]:
 
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the summary that is also written to exp_dir/summary.json."""
-    # Calibrated batch sizes must hold for days: an allocator that maps memory in growable segments does not
-    # fragment into blocks too small for the next long batch (PyTorch reads this before the first allocation).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    use_training_allocator()  # before the first CUDA allocation; calibration uses the same settings
     catch_sigusr1_early()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     start = preflight(cfg)
