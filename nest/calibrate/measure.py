@@ -112,9 +112,14 @@ class TrainingStep:
         # An out-of-memory error must reach the search ("does not fit"), not be retried in halves.
         self.step = GuardedStep(self.model, self.optimizer, scheduler, StepOptions(), retry_oom=False)
 
-    def _forward(self, batch: AudioNoiseBatch):
+    def forward(self, batch: AudioNoiseBatch):
+        """The objective's forward pass in the configured precision (what Lightning's precision plugin does)."""
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return forward_batch(self.model, batch)
+
+    def run(self, batch: AudioNoiseBatch):
+        """The guarded training step on ``batch``, nothing measured (benchmarks/gpu_acceptance.py times it)."""
+        return self.step(batch, self.forward)
 
     def __call__(self, batch_size: int, duration: float) -> MemoryPeak:
         samples = int(duration * self.sample_rate)
@@ -131,12 +136,12 @@ class TrainingStep:
             tracker.__enter__()
         try:
             batch = synthetic_batch(self.model.cfg, batch_size, samples, self.device)
-            self.step(batch, self._forward)
+            self.run(batch)
             del batch
             if cuda:  # errors of the kernels this try launched are raised here, not in the next try
                 torch.cuda.synchronize(self.device)
         except BaseException:
-            self._abandon_try(cuda)
+            self.abandon_try(cuda)
             raise
         finally:
             if tracker is not None:
@@ -147,7 +152,7 @@ class TrainingStep:
         return MemoryPeak(stats["allocated_bytes.all.peak"], stats["reserved_bytes.all.peak"],
                           stats["num_alloc_retries"])
 
-    def _abandon_try(self, cuda: bool) -> None:
+    def abandon_try(self, cuda: bool) -> None:
         """After a failed try: no gradients left over, the step's accumulation window closed, the device idle."""
         self.optimizer.zero_grad(set_to_none=True)
         self.step.micro = 0

@@ -77,8 +77,10 @@ def no_check(error: BaseException) -> None:
 def calibrate(
     step: Callable[[int, float], MemoryPeak], uppers: list[float], budget_bytes: int, gap: float = 0.05,
     max_batch: int = 4096, check_device: Callable[[BaseException], None] = no_check,
+    on_bucket: Callable[[BucketResult], None] = lambda result: None,
 ) -> list[BucketResult]:
-    """Batch sizes per bucket (``uppers``: upper durations, increasing), searched from the longest down.
+    """Batch sizes per bucket (``uppers``: upper durations, increasing), searched from the longest down;
+    ``on_bucket`` is told each bucket's result as soon as it is known.
 
     A try that fails with an error of a too-large batch does not fit; when that error is not an allocation failure,
     ``check_device(error)`` runs first and raises when the device itself has failed (TrainingStep.check_device)."""
@@ -111,6 +113,7 @@ def calibrate(
                 f"lower data.max_duration or use a smaller model"
             )
         results.append(BucketResult(upper, size, peak))
+        on_bucket(results[-1])
         start = size  # shorter utterances: at least as many fit
     return list(reversed(results))
 
