@@ -14,7 +14,7 @@ ratio compares the two on the same machine.
 
 ``--flops``: ``gflop_per_audio_s``, the forward and backward FLOPs of the step per second of audio, counted by
 torch.utils.flop_counter with its grouped-convolution error corrected (nest/training/flops.py); on a real device
-also ``step_tflops`` (FLOPs over the step's time), ``matmul_tflops`` (a large matrix product timed in the same run,
+also ``step_tflops`` (FLOPs over the step's time), ``matmul_tflops`` (a large matrix product timed between the steps,
 same dtype: the machine's practical peak), their ratio ``step_over_matmul``, and with ``--peak-tflops X`` (the
 device's dense peak for the dtype) ``mfu``.
 
@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -103,8 +104,9 @@ def time_steps(model, audio, lens, steps, warmup, device, dtype) -> float:
 
 def step_flops(model, audio, lens, dtype) -> int:
     """Forward and backward FLOPs of one step (the optimizer's elementwise update is not counted)."""
-    def run():
-        with torch.autocast(audio.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def run():  # the meta device has no autocast; FLOPs do not depend on the dtype
+        with torch.autocast(audio.device.type, dtype=dtype, enabled=dtype != torch.float32) \
+                if torch.amp.is_autocast_available(audio.device.type) else contextlib.nullcontext():
             out = model(audio, lens, audio, lens)
         out.loss.backward()
 
@@ -119,6 +121,20 @@ def matmul_tflops(device, dtype, n: int, repeats: int = 5) -> float:
     a @ b  # warm-up
     best = min(timed(lambda: a @ b, device) for _ in range(repeats))
     return 2 * n**3 / best / 1e12
+
+
+def step_against_matmul(model, audio, lens, flops, steps, warmup, device, dtype) -> dict:
+    """The step's TFLOP/s and a large matrix product's, timed alternately so that both see the same machine (a
+    shared one's load changes by the minute): medians of each."""
+    opt, n = make_optimizer(model), 8192 if device.type == "cuda" else 2048
+    step_s, matmul = [], []
+    for i in range(warmup + steps):
+        t = timed(lambda: train_step(model, opt, audio, lens, device, dtype), device)
+        if i >= warmup:
+            step_s.append(t)
+            matmul.append(matmul_tflops(device, dtype, n, repeats=2))
+    step_tflops, matmul = flops / statistics.median(step_s) / 1e12, statistics.median(matmul)
+    return {"step_tflops": step_tflops, "matmul_tflops": matmul, "step_over_matmul": step_tflops / matmul}
 
 
 def bucket_shapes(batch: int, seconds: float) -> list[tuple[int, float]]:
@@ -221,10 +237,10 @@ def main() -> None:
         "host_syncs_per_step": syncs.count, "host_sync_ops": dict(syncs.calls),
     })
     if flops is not None:
-        matmul = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 2048)
-        result.update(step_tflops=flops / sdpa / 1e12, matmul_tflops=matmul, step_over_matmul=flops / sdpa / 1e12 / matmul)
+        result.update(step_against_matmul(model, audio, lens, flops, args.steps, args.warmup, device, dtype))
         if args.peak_tflops:
-            result.update(mfu=flops / sdpa / 1e12 / args.peak_tflops, matmul_over_peak=matmul / args.peak_tflops)
+            result.update(mfu=result["step_tflops"] / args.peak_tflops,
+                          matmul_over_peak=result["matmul_tflops"] / args.peak_tflops)
     print(json.dumps({**result, "date": time.strftime("%Y-%m-%d")}))
 
 
