@@ -282,8 +282,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--audio", choices=["speech", "white"], default="speech" if (REAL / "speech").is_dir() else "white")
-    ap.add_argument("--gflop-per-audio-s", type=float, default=10.8,
-                    help="NEST-L forward + backward (torch's FlopCounterMode, 2 x 10 s utterances)")
+    ap.add_argument("--gflop-per-audio-s", type=float, default=9.0,
+                    help="NEST-L forward + backward, 2 x 10 s utterances (BENCHMARKS.md: benchmarks/model_step.py "
+                         "--preset large --batch 2 --flops --device meta, grouped convolutions counted right)")
     ap.add_argument("--skip-padding", action="store_true", help="only the loading speed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
