@@ -102,6 +102,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.encoder.d_model={enc.d_model} must be divisible by n_heads={enc.n_heads}")
     _choice("model.encoder.subsampling_factor", enc.subsampling_factor, (2, 4, 8, 16))
     _choice("model.encoder.conv_norm_type", enc.conv_norm_type, ("batch_norm", "layer_norm"))
+    if not enc.untie_biases:
+        raise ConfigError("model.encoder.untie_biases=false: positional biases shared by all layers are not "
+                          "implemented (the encoder has NeMo's default, one pair per layer); leave it true")
     _choice("model.encoder.stochastic_depth_mode", enc.stochastic_depth_mode, ("linear", "uniform"))
     _choice("model.quantizer.dist_fn", cfg.model.quantizer.dist_fn, ("l2", "cosine"))
     _choice("model.quantizer.norm", cfg.model.quantizer.norm, ("none", "layer"))

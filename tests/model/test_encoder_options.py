@@ -157,6 +157,7 @@ def test_nemo_chunking_factor_and_guard_value_are_read():
 @pytest.mark.parametrize("override, match", [
     ("model.mask_position=middle", "mask_position"),
     ("model.encoder.subsampling_conv_chunking_factor=3", "chunking_factor"),
+    ("model.encoder.untie_biases=false", "untie_biases=false: positional biases shared"),
 ])
 def test_bad_option_values_fail_at_start_up(override, match):
     with pytest.raises(ConfigError, match=match):
