@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn import functional as F
 
 from nest.model.quantizer import QuantizerConfig, RandomProjectionQuantizer
-from tests.support.memory import PeakMemory
+from nest.calibrate.measure import TensorPeak
 
 
 def all_at_once(q: RandomProjectionQuantizer, feats: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,9 @@ def test_distances_of_a_nest_l_batch_take_a_chunk_of_memory():
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = q.to("cuda")
         feats = torch.randn(50, 80, 8 * 1250, device="cuda")
-        with PeakMemory() as memory:
+        with TensorPeak() as memory:
             q(feats)
-        with PeakMemory() as before:
+        with TensorPeak() as before:
             all_at_once(q, feats)
     assert memory.peak < 270 * 2**20 and before.peak > 11 * 2**30, (memory.peak, before.peak)
 
