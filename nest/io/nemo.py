@@ -522,17 +522,3 @@ def to_nemo_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict
     if left:
         raise CheckpointError(f"tensors without a NeMo name: {', '.join(left)}")
     return out
-    part = lambda prefix: {k: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-    # NeMo's subsampling registers its output projection before the convolutions.
-    subsampling = dict(sorted(part("encoder.pre_encode.").items(), key=lambda kv: ".conv." in kv[0]))
-    if cfg.mask_position == "post_conv":
-        wrapped = {"pre_encode." + k[len("encoder.pre_encode."):]: v for k, v in subsampling.items()}
-        wrapped["masking.mask_embedding"] = state["mask_processor.mask_embedding"]
-        subsampling = {"encoder.pre_encode." + k: v for k, v in wrapped.items()}
-    out.update(subsampling)
-    out.update({k: v for k, v in part("encoder.").items() if not k.startswith("encoder.pre_encode.")})
-    for prefix in ("quantizer.", "mask_processor.", "decoder."):
-        out.update(part(prefix))
-    if cfg.mask_position == "post_conv":
-        out.update({"pre_encoder." + k: v for k, v in wrapped.items()})
-    return out
