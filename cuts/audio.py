@@ -54,10 +54,10 @@ class _Backend:
 class Direct:
     """Where soundfile finds a plain cut's samples: ``source`` (path or bytes), first frame, frame count."""
 
-    __slots__ = ("source", "start", "frames")
+    __slots__ = ("source", "start", "frames", "rate")
 
-    def __init__(self, source, start: int, frames: int):
-        self.source, self.start, self.frames = source, start, frames
+    def __init__(self, source, start: int, frames: int, rate: int):
+        self.source, self.start, self.frames, self.rate = source, start, frames, rate
 
     @classmethod
     def of(cls, cut: Cut, frames: Optional[int] = None) -> Optional["Direct"]:
@@ -74,17 +74,22 @@ class Direct:
         if src.type == "file" and any(b.handles_special_case(src.source) for b in backend.special):
             return None
         start = compute_num_samples(cut.start, rec.sampling_rate) if cut.start else 0
-        return cls(src.source, start, cut.num_samples if frames is None else frames)
+        return cls(src.source, start, cut.num_samples if frames is None else frames, rec.sampling_rate)
 
     def open(self) -> sf.SoundFile:
         return sf.SoundFile(io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source)
 
     def read_into(self, out: np.ndarray) -> bool:
-        """Decode into ``out[:frames]`` (float32 or int16); False (nothing promised about ``out``) when the
-        file does not hold the frames the manifest declares, or is not 16-bit where ``out`` is int16: lhotse
-        then reads the cut, with its own tolerance and errors."""
-        with self.open() as f:
-            if f.channels != 1 or f.frames - self.start < self.frames:
+        """Decode into ``out[:frames]`` (float32 or int16); False (nothing promised about ``out``) when soundfile
+        cannot open the file (a format only lhotse's other backends read, a missing file), when the file does not
+        hold the frames or the sampling rate the manifest declares, or is not 16-bit where ``out`` is int16:
+        lhotse then reads the cut, with its own tolerance and errors."""
+        try:
+            f = self.open()
+        except (RuntimeError, OSError):  # soundfile.LibsndfileError is a RuntimeError
+            return False
+        with f:
+            if f.channels != 1 or f.samplerate != self.rate or f.frames - self.start < self.frames:
                 return False
             if out.dtype == np.int16 and f.subtype not in INT16_EXACT:
                 return False
@@ -131,7 +136,7 @@ def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False, buffers: Op
                 row = out[i].numpy()
                 n = run(lambda: _read_row(cut, row, frames), cut)
             except NotPCM16:
-                out = _to_float(out, i, buffers)
+                out = _to_float(out, i, buffers, errors)
                 row = out[i].numpy()
                 n = run(lambda: _read_row(cut, row, frames), cut)
             row[n:] = 0
@@ -142,12 +147,19 @@ def read_rows(cuts: Sequence[Cut], run: Runner, pcm16: bool = False, buffers: Op
     return out, errors
 
 
-def _to_float(pcm: torch.Tensor, rows: int, buffers: Optional[SharedBuffers]) -> torch.Tensor:
-    """float32 copy of a (B, S) int16 batch whose first ``rows`` rows are read (its buffer goes back)."""
+def stalled(errors: Sequence[Optional[Exception]]) -> bool:
+    """Whether a read of the batch timed out: its thread may still write into the batch's buffer."""
+    return any(isinstance(e, TimeoutError) for e in errors)
+
+
+def _to_float(pcm: torch.Tensor, rows: int, buffers: Optional[SharedBuffers],
+              errors: Sequence[Optional[Exception]] = ()) -> torch.Tensor:
+    """float32 copy of a (B, S) int16 batch whose first ``rows`` rows are read (its buffer goes back, unless a
+    stalled read may still write into it)."""
     out = new_tensor(pcm.shape, torch.float32, buffers)
     torch.mul(pcm[:rows], PCM16_SCALE, out=out[:rows])
     if buffers is not None:
-        buffers.unused(pcm.untyped_storage())
+        buffers.unused(pcm.untyped_storage(), reuse=not stalled(errors))
     return out
 
 

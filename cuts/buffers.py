@@ -79,14 +79,16 @@ class SharedBuffers:
             if lent is not None:  # keys of an earlier worker process of this slot are ignored
                 self._free.append((lent[0], tuple(key), lent[1]))
 
-    def unused(self, storage: torch.UntypedStorage) -> None:
-        """``storage`` (from ``take``) will not be sent: back to the pool at once."""
+    def unused(self, storage: torch.UntypedStorage, reuse: bool = True) -> None:
+        """``storage`` (from ``take``) will not be sent: back to the pool at once, or with ``reuse=False`` out of
+        it for good (a stalled read may still write into it: no later batch may get it)."""
         for key in self._batch:
             capacity, held = self._lent[key]
             if held.data_ptr() == storage.data_ptr():
                 self._batch.remove(key)
                 del self._lent[key]
-                self._free.append((capacity, key, held))
+                if reuse:
+                    self._free.append((capacity, key, held))
                 return
 
     def sent(self) -> tuple:

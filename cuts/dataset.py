@@ -9,14 +9,14 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 from lhotse import CutSet
 from lhotse.cut import Cut, MixedCut
 
-from cuts.audio import as_float, load_mono, new_tensor, read_rows
+from cuts.audio import as_float, load_mono, new_tensor, read_rows, stalled
 from cuts.buffers import SharedBuffers, give_back
 from cuts.mixing import MixPlan, NoiseBank, mix_in_worker, mix_on_device, plan_batch
 from cuts.noise import NoiseMixer, load_batch_audio
@@ -234,9 +234,10 @@ class NestDataset(torch.utils.data.Dataset):
             except Exception as e:
                 failed.append((cut.id, f"{type(e).__name__}: {e}"))
                 log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
+        reuse = not stalled(errors)  # a timed-out read may still write into ``audio``: its buffer is not reused
         if not keep:  # one second of silence: every rank still takes its step
             if self.buffers is not None:
-                self.buffers.unused(audio.untyped_storage())
+                self.buffers.unused(audio.untyped_storage(), reuse)
             audio, lens = torch.zeros(1, self.sample_rate), torch.tensor([self.sample_rate])
         else:
             lens = torch.tensor([lengths[i] for i in keep], dtype=torch.int64)
@@ -245,7 +246,7 @@ class NestDataset(torch.utils.data.Dataset):
                 kept = new_tensor((len(keep), S), audio.dtype, self.buffers)
                 torch.index_select(audio[:, :S], 0, torch.tensor(keep), out=kept)
                 if self.buffers is not None:
-                    self.buffers.unused(audio.untyped_storage())
+                    self.buffers.unused(audio.untyped_storage(), reuse)
                 audio = kept
         batch = AudioNoiseBatch(
             audio=audio, audio_lens=lens, cut_ids=[cuts[i].id for i in keep], failed=failed,

@@ -1,7 +1,5 @@
 """The batch reader (soundfile straight into the batch, 16-bit PCM as int16) and mixing in the worker, on the
 device and from a noise bank: the same samples and the same mixing law for the same seeds."""
-import io
-import random
 import tarfile
 
 import numpy as np
@@ -179,3 +177,57 @@ def test_workers_reuse_only_the_shared_buffers_handed_back(tmp_path, request):
         assert torch.equal(batch.audio, expected.audio)
         torch.testing.assert_close(batch.noise, expected.noise, rtol=1e-5, atol=1e-7)
     assert len(set(keys)) < len(keys)  # buffers were reused
+
+
+def test_a_read_that_times_out_never_writes_into_a_later_batch(tmp_path, monkeypatch):
+    """A stalled read goes on in its thread after the watchdog gave up: the buffer it writes into is never lent
+    to a later batch (it would overwrite that batch's audio)."""
+    import time
+
+    import cuts.audio as audio_module
+    from cuts.buffers import SharedBuffers
+
+    cuts = []
+    for i in range(4):
+        sf.write(tmp_path / f"u{i}.wav", (0.05 * np.random.default_rng(i).standard_normal(SR)).astype(np.float32),
+                 SR, subtype="PCM_16")
+        cuts.append(recording_to_cut(Recording.from_file(tmp_path / f"u{i}.wav"), "first"))
+
+    original = audio_module._read_row
+
+    def stalls_on_u0(cut, row, frames):
+        if cut.id.startswith("u0"):  # storage that answers after the watchdog gave up
+            time.sleep(1.5)
+            row[:] = 12345
+            return frames
+        return original(cut, row, frames)
+
+    monkeypatch.setattr(audio_module, "_read_row", stalls_on_u0)
+    ds = NestDataset(SR, None, seed=0, read_timeout=0.5, pcm16=True, buffers=SharedBuffers(1))
+    items = [SamplerItem(cuts=CutSet(cuts[:2]), index=0), SamplerItem(cuts=CutSet(cuts[2:]), index=1)]
+    loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, num_workers=1, prefetch_factor=2)
+    first, second = list(loader)
+    assert [c for c, _ in first.failed] == [cuts[0].id] and second.cut_ids == [c.id for c in cuts[2:]]
+    expected = second.audio.clone()
+    time.sleep(2.0)  # the stalled read has ended by now
+    assert torch.equal(second.audio, expected) and not (second.audio == 12345).any()
+
+
+def test_what_soundfile_cannot_read_as_declared_goes_to_lhotse(tmp_path, monkeypatch):
+    """A file at another sampling rate than its manifest says, or one soundfile cannot open, is read by lhotse
+    (which raises or uses its other backends), never taken as samples of the declared rate."""
+    import cuts.audio as audio_module
+    from lhotse import MonoCut
+    from lhotse.audio import AudioSource
+
+    def cut_of(path, rate=SR, frames=SR):
+        rec = Recording(id=path.stem, sources=[AudioSource(type="file", channels=[0], source=str(path))],
+                        sampling_rate=rate, num_samples=frames, duration=frames / rate)
+        return MonoCut(id=path.stem, start=0, duration=rec.duration, channel=0, recording=rec)
+
+    sf.write(tmp_path / "r48.wav", np.zeros(48000, np.float32), 48000, subtype="PCM_16")
+    (tmp_path / "a.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A " + b"\x00" * 2000)
+    asked = []
+    monkeypatch.setattr(audio_module, "lhotse_mono", lambda cut: asked.append(cut.id) or lhotse_mono(cut))
+    out, errors = read_rows([cut_of(tmp_path / "r48.wav"), cut_of(tmp_path / "a.m4a")], run)
+    assert asked == ["r48", "a"] and all(e is not None for e in errors)  # lhotse's own errors, the cuts dropped
