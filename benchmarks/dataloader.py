@@ -58,7 +58,7 @@ from lhotse.dataset.sampling import DynamicCutSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.prepare import librispeech_like_durations  # noqa: E402
-from cuts.bins import Bins, estimate_bins  # noqa: E402
+from cuts.bins import estimate_bins  # noqa: E402
 from cuts.buffers import SharedBuffers, give_back  # noqa: E402
 from cuts.config import DataConfig, NoiseConfig  # noqa: E402
 from cuts.dataset import NestDataset, SamplerItem, keep_freed_memory, load_mono  # noqa: E402

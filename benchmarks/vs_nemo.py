@@ -100,7 +100,6 @@ class Worker:
         self.model = self.step = self.load = None
 
     def build(self):
-        torch = self.torch
         if self.side == "nemo":
             from nemo.collections.asr.data.ssl_dataset import LhotseAudioNoiseDataset
             from nemo.collections.asr.models.ssl_models import EncDecDenoiseMaskedTokenPredModel

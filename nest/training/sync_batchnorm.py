@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nest.model.precision import autocast_off

@@ -1,6 +1,5 @@
 """Per-bucket batch-size calibration on CPU (a fake step and a real tiny model) and the bucket report."""
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -174,8 +173,6 @@ def test_a_failed_device_stops_the_search_instead_of_reading_as_too_big():
 
 
 def test_a_failed_try_leaves_no_gradients_and_the_next_step_updates_the_weights(monkeypatch):
-    from nest.objectives import NestModel
-
     cfg = load_config(ROOT / "configs" / "nest_tiny.yaml").model
     step = TrainingStep(cfg, torch.device("cpu"), "fp32")
     step(1, 1.0)

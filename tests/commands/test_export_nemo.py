@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

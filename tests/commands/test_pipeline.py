@@ -3,10 +3,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
-from cuts.bins import Bins, estimate_bins
+from cuts.bins import estimate_bins
 from cuts.prepare import prepare_audio_dir
 from cuts.synth import synthesize_corpus
 from lhotse import CutSet

@@ -1,8 +1,6 @@
 """The training data path: batches, noise mixing and SNR, faults, DDP."""
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

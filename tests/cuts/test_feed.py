@@ -1,7 +1,6 @@
 """The training feed: exact resume from every storage format and with every place of mixing; workers per rank."""
 import pytest
 import torch
-from lhotse import CutSet
 
 from cuts.config import DataConfig, NoiseConfig
 from cuts.feed import DataFeed, resolve_workers

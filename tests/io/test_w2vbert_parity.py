@@ -1,7 +1,5 @@
 """The Wav2vec-BERT model reproduces NVIDIA NeMo 3.0.0's SpeechEncDecSelfSupervisedModel (fixture README)."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

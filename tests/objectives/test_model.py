@@ -1,5 +1,4 @@
 """Model pieces on small configs: masking law, loss, schedule, precision, checkpoints."""
-import pickle
 
 import pytest
 import torch

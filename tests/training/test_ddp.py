@@ -1,17 +1,14 @@
 """Two gloo ranks x two dataloader workers on CPU, from Shar and from JSON lines: the data is split exactly,
 skipped steps keep replicas identical, a failing rank does not hang the others, resume is exact."""
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
 import torch
 from lhotse import CutSet
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.support.runs import ddp_run, records
 
 

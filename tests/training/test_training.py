@@ -1,7 +1,5 @@
 """train.py's lifecycle on CPU: checkpoints, TensorBoard metrics, kill and resume, init_from, extraction."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
