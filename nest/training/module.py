@@ -132,6 +132,10 @@ class NestLightningModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
 
+    def on_validation_end(self) -> None:
+        # Lightning validates after on_train_batch_end: the round is not time the next batch waited for data.
+        self.meters.batch_end()
+
     def validation_step(self, batch: AudioNoiseBatch, batch_idx: int):
         # A batch whose cuts all failed holds silence and weighs 0, but runs: every rank must reach the
         # reduction of on_validation_epoch_end with the same metric names.
@@ -141,12 +145,15 @@ class NestLightningModule(pl.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
             out = self(batch)
-        metrics = {"loss": out.loss.detach(), **self.model.metrics(out)}
+        # A batch with nothing masked has no loss: its 0 stays out of val_loss (and of the choice of best.ckpt).
+        counted = weight * self.model.has_loss(out).float()
+        metrics = {"loss": (out.loss.detach(), counted), **{k: (v, weight) for k, v in self.model.metrics(out).items()}}
         sums = self._val_sums
-        for k, v in metrics.items():  # weighted by cuts, kept on the device
+        for k, (v, w) in metrics.items():  # weighted by cuts, kept on the device
             v = torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0) if not weight else v.float()
-            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * weight
+            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * w
         sums["_cuts"] = sums.get("_cuts", torch.zeros((), device=self.device)) + weight
+        sums["_loss_cuts"] = sums.get("_loss_cuts", torch.zeros((), device=self.device)) + counted
 
     def on_validation_epoch_end(self) -> None:
         """One all-reduce of every rank's sums (so a rank without a loadable cut neither hangs nor crashes
@@ -156,10 +163,15 @@ class NestLightningModule(pl.LightningModule):
             return
         names = sorted(sums)
         total = dict(zip(names, all_reduce_(torch.stack([sums[k] for k in names])).tolist()))
-        cuts = total.pop("_cuts")
+        cuts, loss_cuts = total.pop("_cuts"), total.pop("_loss_cuts")
         if not cuts:
             log.warning("validation: no cut could be loaded on any rank; val_loss is reported as inf")
+        elif not loss_cuts:
+            log.warning("validation: no frame of the %d validation cuts was masked (short cuts against "
+                        "model.masking.block_size and mask_prob): val_loss is reported as inf, and best.ckpt is not "
+                        "chosen by it; give longer validation cuts", round(cuts))
         values = {k: (v / cuts if cuts else math.inf) for k, v in total.items()}
+        values["loss"] = total["loss"] / loss_cuts if loss_cuts else math.inf
         self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=1)
         self.log("val_loss", values["loss"], prog_bar=True, batch_size=1)
 

@@ -184,3 +184,17 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_corpus, tmp_path, 
         assert torch.isfinite(v.float()).all(), k
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(v, good[k]), k
+
+
+def test_validation_with_nothing_masked_reports_no_loss_of_zero(tiny_corpus, tmp_path, caplog):
+    """val_loss over batches where no frame was masked is not 0 (which would make any such round the best)."""
+    cfg = load_config(ROOT / "configs" / "nest_tiny.yaml", tiny_overrides(
+        tiny_corpus, tmp_path / "exp", **{"trainer.max_steps": 2, "trainer.val_check_interval": 2,
+                                          "trainer.limit_val_batches": 2, "data.num_workers": 0,
+                                          "model.masking.mask_prob": 0.0}))
+    train(cfg)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    vals = [e.value for e in EventAccumulator(str(tmp_path / "exp" / "tb")).Reload().Scalars("val_loss")]
+    assert vals and all(v == float("inf") for v in vals)
+    assert "no frame of the" in caplog.text and "was masked" in caplog.text
