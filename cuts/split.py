@@ -59,7 +59,10 @@ def split_cuts(cuts_path: Path, out_dir: Path, dev_fraction: float, seed: int = 
     distinct = np.unique(h)
     num_recordings = len(distinct)
     k = dev_count(num_recordings, dev_fraction)
-    if k != round(dev_fraction * num_recordings):
+    if dev_fraction > 0 and k == 0:
+        log.warning("dev gets none of %d recording(s): train keeps at least half, so training will run without "
+                    "validation; give more recordings, or a dev set of your own", num_recordings)
+    elif k != round(dev_fraction * num_recordings):
         log.warning("dev gets %d of %d recordings (--dev-fraction %s gives %.2f; dev has at least 1 and at most half)",
                     k, num_recordings, dev_fraction, dev_fraction * num_recordings)
     threshold = int(distinct[k - 1]) if k else -1

@@ -77,7 +77,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg, ["optim.warmup_steps"], lambda v: v >= 0, "an integer >= 0")
     _require(cfg, ["data.num_workers"], lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
              "auto or an integer >= 0")
-    _require(cfg, ["data.noise_bank_seconds"], lambda v: v >= 0 and math.isfinite(v), ">= 0 (seconds)")
+    _require(cfg, ["data.noise_bank_seconds"], lambda v: v == 0 or (v >= 1 and math.isfinite(v)),
+             "0 (no bank) or at least 1 (seconds; 3600 is an hour of noise, 230 MB)")
     if data.noise_bank_seconds > 0 and not data.mix_on_device:
         raise ConfigError(f"data.noise_bank_seconds={data.noise_bank_seconds} needs data.mix_on_device=true: the "
                           f"bank lives in device memory, where the noise is mixed")

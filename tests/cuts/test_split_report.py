@@ -52,6 +52,12 @@ def test_small_corpus_dev_floor_for_train(tmp_path, n, fraction, dev):
     assert summary["recordings"] == {"train": n - dev, "dev": dev}
 
 
+def test_one_recording_leaves_dev_empty_and_says_so(tmp_path, caplog):
+    write_cuts(tmp_path / "all.jsonl.gz", [2.0], windows=3)
+    summary = split_cuts(tmp_path / "all.jsonl.gz", tmp_path / "out", dev_fraction=0.1)
+    assert summary["cuts"] == {"train": 3, "dev": 0} and "dev gets none of 1 recording(s)" in caplog.text
+
+
 def test_empty_input_and_bad_fraction_fail(tmp_path):
     (tmp_path / "empty.jsonl.gz").write_bytes(b"")
     with pytest.raises(EmptySplit, match="no cuts"):

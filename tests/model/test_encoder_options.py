@@ -158,6 +158,7 @@ def test_nemo_chunking_factor_and_guard_value_are_read():
     ("model.mask_position=middle", "mask_position"),
     ("model.encoder.subsampling_conv_chunking_factor=3", "chunking_factor"),
     ("model.encoder.untie_biases=false", "untie_biases=false: positional biases shared"),
+    ("data.noise_bank_seconds=0.05", "noise_bank_seconds=0.05: must be 0 .no bank. or at least 1"),
 ])
 def test_bad_option_values_fail_at_start_up(override, match):
     with pytest.raises(ConfigError, match=match):
