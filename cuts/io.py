@@ -134,7 +134,7 @@ def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], N
                 except UnicodeDecodeError:
                     obj, problem = None, "not UTF-8 text"
                 except json.JSONDecodeError as e:
-                    obj, problem = None, f"not valid JSON ({e.msg} at column {e.colno})"
+                    obj, problem = None, f"not valid JSON ({e.msg}: column {e.colno})"
                 else:
                     problem = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
                 if problem is None:

@@ -21,6 +21,7 @@ from cuts.io import ManifestError, iter_jsonl, read_yaml
 from cuts.shar import is_shar, is_url, list_shards
 
 log = logging.getLogger(__name__)
+_REPORTED: set[str] = set()  # "file:line" of the bad manifest lines this process has warned about
 MAX_BIN_CUTS = 10_000  # cuts read to estimate buckets when no bins are given (as many as lhotse's samplers read)
 
 
@@ -54,7 +55,10 @@ class ManifestCuts:
 
     def _bad(self, where: str, problem: str) -> None:
         self.bad_lines += 1
-        log.warning("skipping %s: bad manifest line (%s)", where, problem)
+        # Said once per line and process: every epoch meets the same line again.
+        log.log(logging.DEBUG if where in _REPORTED else logging.WARNING, "skipping %s: bad manifest line (%s)",
+                where, problem)
+        _REPORTED.add(where)
 
 
 def open_cuts(source: str, seed: int) -> CutSet:

@@ -94,3 +94,17 @@ def test_one_line_escapes_what_would_break_an_error_line():
 
     text = one_line(ValueError("key '\x85' in a.jsonl:3\u2028and \x1e; é 中\n"))
     assert len(text.splitlines()) == 1 and text == "key '\\x85' in a.jsonl:3\\u2028and \\x1e; é 中"
+
+
+def test_a_bad_manifest_line_is_said_once_not_every_epoch(tmp_path, caplog):
+    import logging
+
+    from cuts.sampler import ManifestCuts
+
+    (tmp_path / "cuts.jsonl").write_text('{"id": "a", "start": 0, "duration": 1\n')
+    cuts = ManifestCuts(str(tmp_path / "cuts.jsonl"))
+    with caplog.at_level(logging.WARNING, logger="cuts.sampler"):
+        for _ in range(3):  # three epochs
+            assert list(cuts) == []
+    assert cuts.bad_lines == 3 and caplog.text.count("cuts.jsonl:1: bad manifest line") == 1
+    assert "not valid JSON (Expecting ',' delimiter: column" in caplog.text
