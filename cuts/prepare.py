@@ -303,6 +303,13 @@ class SetWriter:
             "shuffle_seed": self.seed,
         }
         write_text(self.out_dir / "summary.json", json.dumps(self.summary, indent=1), tmp_dir=self.tmp)
+        rejected = self.summary["num_rejected"]
+        if rejected >= 0.1 * (rejected + len(d)):  # a tenth of the inputs or more: worth a line, not only a file
+            kind, n = self.kinds.most_common(1)[0]
+            fix = {TOO_SHORT: "; lower --min-duration to keep short recordings", TOO_LONG: "; raise --max-duration "
+                   "or cut long recordings with --window 30"}.get(kind, "")
+            log.warning("%d of %d inputs rejected, %d of them %s (%s lists each)%s", rejected, rejected + len(d), n,
+                        kind, self.out_dir / "rejected.jsonl", fix)
         return self.summary
 
 

@@ -270,3 +270,12 @@ def test_shar_export_says_how_many_streams_it_feeds_and_has_one_writer(tmp_path,
     with pytest.raises(NothingUsable, match="no cut of .* could be exported.*left as it was"):
         export_shar(cuts, tmp_path / "shar")
     assert sorted(p.name for p in (tmp_path / "shar").iterdir()) == before
+
+
+def test_many_short_files_rejected_are_said_with_the_fix(tmp_path, caplog):
+    (tmp_path / "src").mkdir()
+    for i in range(6):  # four 0.5 s files, two of 2 s
+        sf.write(tmp_path / "src" / f"{i}.wav", tone(0.5 if i < 4 else 2.0, 8000), 8000)
+    summary = prepare_audio_dir(tmp_path / "src", tmp_path / "out", min_duration=1.0)
+    assert summary["num_cuts"] == 2 and summary["rejected_by_reason"] == {"too short": 4}
+    assert "4 of 6 inputs rejected, 4 of them too short" in caplog.text and "lower --min-duration" in caplog.text
