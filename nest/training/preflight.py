@@ -66,8 +66,10 @@ def preflight(cfg: RunConfig) -> StartUp:
         check_checkpoint_path("init_from", cfg.init_from)
     exp_dir = Path(cfg.exp_dir).resolve()
     resume_from = find_resume(cfg, exp_dir)
-    if _global_rank_from_env() == 0:
-        check_exp_dir(cfg, exp_dir, resume_from)
+    # On every rank: a rank that went on while the first one stopped would wait for it until the DDP timeout.
+    check_exp_dir(cfg, exp_dir, resume_from, first_rank=_global_rank_from_env() == 0)
+    if resume_from:
+        say_if_finished(cfg, resume_from)
     feed = DataFeed(d, cfg.model.preprocessor.sample_rate, cfg.seed, with_targets=cfg.model.targets == "kmeans")
     try:
         feed.preflight()
@@ -148,12 +150,21 @@ def find_resume(cfg: RunConfig, exp_dir: Path) -> Optional[str]:
     return cfg.resume
 
 
-def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> None:
+def say_if_finished(cfg: RunConfig, ckpt_path: str) -> None:
+    """A resumed run whose checkpoint already reached trainer.max_steps trains nothing: one line says so."""
+    step = safe_torch_load(Path(ckpt_path), ckpt_path, mmap=True).get("global_step", 0)
+    if 0 < cfg.trainer.max_steps <= step:
+        log.warning("resume: %s is at step %d, trainer.max_steps=%d: nothing to train (the summary is that run's); "
+                    "raise trainer.max_steps to go on, or give a new exp_dir for a new run", ckpt_path, step,
+                    cfg.trainer.max_steps)
+
+
+def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str], first_rank: bool = True) -> None:
     """A new run never writes into another run's folder; a resumed one keeps its model. A folder whose run
     stopped before its first checkpoint (config.yaml and tb/ only) holds nothing to continue: a new run starts
-    there, its TensorBoard logs moved aside."""
+    there, its TensorBoard logs moved aside (by the first rank, which alone writes there)."""
     existing = next(p for p in (exp_dir, *exp_dir.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or (first_rank and not os.access(existing, os.W_OK | os.X_OK)):
         what = "is a file" if existing == exp_dir else f"would be made in {existing}, which " + (
             "is a file" if not existing.is_dir() else "is not writable")
         raise ConfigError(f"exp_dir {exp_dir} {what}: give a folder this run can write")
@@ -164,6 +175,8 @@ def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str]) -> No
                           f"or give another exp_dir")
     tb = exp_dir / "tb"
     if not has_checkpoint and tb.is_dir() and any(tb.iterdir()):
+        if not first_rank:
+            return
         n = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in exp_dir.glob("tb.no-checkpoint-*")
                      if p.name.rsplit("-", 1)[1].isdigit()), default=0)
         aside = tb.rename(exp_dir / f"tb.no-checkpoint-{n}")

@@ -10,7 +10,7 @@ from nest.config import load_config
 from nest.errors import ConfigError
 from nest.io.checkpoint import load_state
 from nest.errors import CheckpointError
-from nest.training.preflight import check_checkpoint_path, check_exp_dir, find_resume
+from nest.training.preflight import check_checkpoint_path, check_exp_dir, find_resume, say_if_finished
 
 
 def _cfg(tmp_path, **kv):
@@ -88,3 +88,23 @@ def test_an_exp_dir_that_cannot_be_a_folder(tmp_path):
         check_exp_dir(_cfg(tmp_path), tmp_path / "afile", None)
     with pytest.raises(ConfigError, match=r"exp_dir .*afile/run would be made in .*afile, which is a file"):
         check_exp_dir(_cfg(tmp_path), tmp_path / "afile" / "run", None)
+
+
+def test_other_ranks_check_the_exp_dir_too_and_leave_its_logs_to_the_first(tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "tb").mkdir(parents=True)
+    (exp / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    check_exp_dir(_cfg(tmp_path), exp, None, first_rank=False)
+    assert (exp / "tb" / "events.out.tfevents.1").is_file()  # moved aside by the first rank only
+    (exp / "checkpoints").mkdir()
+    (exp / "checkpoints" / "step00000010.ckpt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="already holds a run"):  # every rank stops, none waits for the others
+        check_exp_dir(_cfg(tmp_path), exp, None, first_rank=False)
+
+
+def test_resuming_a_run_that_reached_max_steps_says_nothing_is_left_to_train(tmp_path, caplog):
+    torch.save({"global_step": 20, "state_dict": {}}, tmp_path / "last.ckpt")
+    say_if_finished(_cfg(tmp_path, **{"trainer.max_steps": 30}), str(tmp_path / "last.ckpt"))
+    assert not caplog.records
+    say_if_finished(_cfg(tmp_path, **{"trainer.max_steps": 20}), str(tmp_path / "last.ckpt"))
+    assert "is at step 20, trainer.max_steps=20: nothing to train" in caplog.text
