@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import warnings
@@ -103,15 +104,29 @@ class SkipFirst:
 
 
 def resolve_workers(setting, local_world_size: int) -> int:
-    """``data.num_workers``: a number as given, or ``auto``: the cores this process may run on, shared by the
-    ranks of this machine, less one for each rank's training process (at least 1)."""
+    """``data.num_workers``: a number as given, or ``auto``: the cores of this rank less one for its training
+    process (at least 1). A rank's cores: SLURM's ``--cpus-per-task`` when SLURM says it (tasks are then bound
+    each to its own cores), else the cores this process may run on (its affinity, at most a container's CPU
+    quota) shared by the ranks of this machine."""
     if setting != "auto":
         return int(setting)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(1, int(per_task) - 1)
     try:
         cores = len(os.sched_getaffinity(0))  # the cores this job was given, not the machine's
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size) - 1)
+    return max(1, min(cores, _cpu_quota() or cores) // max(1, local_world_size) - 1)
+
+
+def _cpu_quota() -> Optional[int]:
+    """The CPUs a cgroup v2 quota allows (``cpu.max``: quota and period in microseconds), or None."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
 
 
 def noise_bank(cfg: DataConfig, noise: PackedCuts, seed: int) -> Optional[NoiseBank]:

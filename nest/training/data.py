@@ -24,6 +24,8 @@ class NestDataModule(pl.LightningDataModule):
         cuda = self.trainer.strategy.root_device.type == "cuda"
         self.feed.place(self.trainer.world_size, self.trainer.global_rank, pin_memory=cuda,
                         local_world_size=self.trainer.num_devices)
+        if self.trainer.world_size > 1:  # the first rank's worker count for all: Shar streams are rank x worker
+            self.feed.num_workers = self.trainer.strategy.broadcast(self.feed.num_workers, src=0)
 
     def noise_bank(self, device: torch.device) -> Optional[torch.Tensor]:
         """The training loader's noise bank in ``device`` memory, decoded and moved once (None without one)."""

@@ -54,9 +54,19 @@ def test_resume_continues_exactly_where_the_checkpoint_stands(tiny_corpus, sourc
 def test_auto_workers_are_the_cores_of_each_local_rank_less_one(monkeypatch):
     import os
 
+    import cuts.feed
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert resolve_workers("auto", 1) == 15 and resolve_workers("auto", 2) == 7 and resolve_workers("auto", 8) == 1
     assert resolve_workers("auto", 32) == 1 and resolve_workers(3, 8) == 3
+    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: 8)  # a container's quota of 8 CPUs, all 16 visible
+    assert resolve_workers("auto", 2) == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")  # SLURM binds each task to its own 12 cores
+    assert resolve_workers("auto", 8) == 11
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     feed = DataFeed(DataConfig(num_workers="auto"), 16000, 0)
     feed.place(world_size=2, rank=1, pin_memory=False, local_world_size=1)
