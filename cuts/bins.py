@@ -46,8 +46,8 @@ class Bins:
 
     @staticmethod
     def load(path: Path) -> "Bins":
-        """bins.yaml as ``prepare.py bins`` writes it; anything else is one error naming the file and the fix."""
-        made_by = "`prepare.py bins`"
+        """bins.yaml as ``nest-prepare bins`` writes it; anything else is one error naming the file and the fix."""
+        made_by = "`nest-prepare bins`"
         d = read_yaml(path, "bins file", made_by)
         upper = d.get("bucket_upper_duration") if isinstance(d, dict) else None
         try:

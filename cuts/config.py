@@ -26,9 +26,9 @@ class DataConfig:
     train_cuts: List[str] = field(default_factory=list)  # CutSet manifests (.jsonl.gz, local or URL) or Shar folders
     train_weights: List[float] = field(default_factory=list)  # one per train_cuts entry; empty: equal
     val_cuts: List[str] = field(default_factory=list)  # validation CutSets (empty: no validation)
-    noise_cuts: List[str] = field(default_factory=list)  # noise CutSets from `prepare.py noise` (empty: speech-in-speech only)
-    bins: Optional[str] = None  # bins.yaml from `prepare.py bins` (null: estimated from the first cuts)
-    bucket_batch_size: Optional[str] = None  # batch_sizes.yaml from `prepare.py calibrate` (replaces batch_duration)
+    noise_cuts: List[str] = field(default_factory=list)  # noise CutSets from `nest-prepare noise` (empty: speech-in-speech only)
+    bins: Optional[str] = None  # bins.yaml from `nest-prepare bins` (null: estimated from the first cuts)
+    bucket_batch_size: Optional[str] = None  # batch_sizes.yaml from `nest-prepare calibrate` (replaces batch_duration)
     batch_duration: float = 600.0  # seconds of audio per batch, padding included
     quadratic_duration: Optional[float] = None  # lhotse's quadratic_duration: penalise long cuts (null: off)
     num_buckets: int = 30  # duration buckets when data.bins is not given

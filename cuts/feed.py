@@ -71,7 +71,7 @@ def load_noise(sources: list[str], sample_rate: int, seed: int) -> PackedCuts:
     for s in sources:
         if is_shar(s):
             raise ValueError(f"data.noise_cuts: {s} is a Shar folder; noise needs random access: give the "
-                             f"CutSet manifest of `prepare.py noise`")
+                             f"CutSet manifest of `nest-prepare noise`")
     noise = PackedCuts(at_rate(c, sample_rate) for s in sources for c in open_cuts(s, seed))
     if sources and not len(noise):
         raise ValueError(f"data.noise_cuts {sources} hold no cuts")

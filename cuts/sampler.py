@@ -88,7 +88,7 @@ def combine_cuts(sources: Sequence[str], weights: Sequence[float], seed: int) ->
 
 
 def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
-    """Bucket bounds and per-bucket batch sizes from ``prepare.py calibrate`` (batch_sizes.yaml)."""
+    """Bucket bounds and per-bucket batch sizes from ``nest-prepare calibrate`` (batch_sizes.yaml)."""
     d = read_yaml(path, "batch sizes file", "`nest-prepare calibrate`")
     try:
         uppers = [float(u) for u in d["bucket_upper_duration"]]
@@ -188,7 +188,7 @@ class NoBatchError(RuntimeError):
 
 NO_BATCH = ("the sampler made no batch: check data.min_duration/max_duration against your cut durations, and "
             "data.num_buckets or data.bins against the amount of data (with drop_last, a bucket that never fills a "
-            "batch yields nothing; `prepare.py report` shows each bucket's batches)")
+            "batch yields nothing; `nest-prepare report` shows each bucket's batches)")
 
 
 class EpochSampler(torch.utils.data.Sampler):

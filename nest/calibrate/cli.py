@@ -1,4 +1,4 @@
-"""``prepare.py calibrate``: measured on the device at hand, or estimated for a GPU of a given size; batch_sizes.yaml."""
+"""``nest-prepare calibrate``: measured on the device at hand, or estimated for a GPU of a given size; batch_sizes.yaml."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +42,7 @@ def run_calibration(
     ddp_allowance: bool = True, device: Optional[str] = None, optim: OptimConfig = OptimConfig(),
     estimate_gpu_gib: Optional[float] = None,
 ) -> list[BucketResult]:
-    """``prepare.py calibrate``: search, merge, write batch_sizes.yaml; returns the merged buckets.
+    """``nest-prepare calibrate``: search, merge, write batch_sizes.yaml; returns the merged buckets.
 
     With ``estimate_gpu_gib`` nothing runs on a device: each bucket's peak is estimated on fake tensors
     (nest.calibrate.estimate) for a GPU of that many GiB, and the file says it is an estimate."""
@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
     """Register ``calibrate`` on prepare.py's subcommands."""
     p = subparsers.add_parser("calibrate", help="per-bucket batch sizes that fill accelerator memory")
     p.add_argument("--config", required=True, help="training config (its model section is measured)")
-    p.add_argument("--bins", required=True, help="bins.yaml from `prepare.py bins`")
+    p.add_argument("--bins", required=True, help="bins.yaml from `nest-prepare bins`")
     p.add_argument("--out", required=True, help="batch_sizes.yaml to write (data.bucket_batch_size)")
     p.add_argument("--memory-fraction", type=float, default=0.9, help="of the GPU's memory")
     p.add_argument("--memory-budget-gib", type=float, default=None, help="an absolute budget (needed on CPU)")
