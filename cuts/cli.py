@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Callable, Sequence
 
 from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, manifest_durations, plot_bins
 from cuts.config import DataConfig
-from cuts.io import one_line
+from cuts.io import configure_logging, one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, SHAR_AUDIO_FORMATS, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe
@@ -252,7 +251,7 @@ def main(argv=None, extra: Sequence[Callable] = ()) -> int:
         args.overrides += unknown
     elif unknown:
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         with sigterm_raises():
             result = args.func(args)

@@ -12,13 +12,14 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, IO, Iterator, Optional, Union
+from typing import Any, Callable, IO, Iterator, Optional, Sequence, Union
 
 import yaml
 
@@ -113,6 +114,15 @@ def one_line(message: object) -> str:
     from a user's file, a control code) is written as its escape, so that an error stays one line."""
     text = str(message).strip()
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def configure_logging(fmt: str = "%(levelname)s %(name)s: %(message)s",
+                      ours: Sequence[str] = ("nest", "cuts")) -> None:
+    """A command's log: our lines (and ``ours``) from INFO, other libraries' from WARNING: lhotse logs its audio
+    backends at INFO on the root logger ("Using audioread ..."), matplotlib its units."""
+    logging.basicConfig(level=logging.WARNING, format=fmt)
+    for name in ours:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def iter_jsonl(path: Union[str, Path], on_error: Optional[Callable[[str, str], None]] = None

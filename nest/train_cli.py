@@ -5,10 +5,9 @@ with their defaults and meaning. Unknown keys, wrong types and values out of ran
 """
 import argparse
 import json
-import logging
 import sys
 
-from cuts.io import one_line
+from cuts.io import configure_logging as command_logging, one_line
 from nest.config import describe, load_config
 from nest.errors import ConfigError
 from nest.summary import summary_line
@@ -18,11 +17,9 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, last.ckpt written; 
 
 
 def configure_logging() -> None:
-    """Our lines and Lightning's from INFO, other libraries' from WARNING: lhotse logs its audio backends at INFO on
-    the root logger ("Using audioread ...") whenever a file needs its fallback reader."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("nest", "cuts", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    """Our lines and Lightning's from INFO (with the time: runs last days), other libraries' from WARNING."""
+    command_logging("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                    ("nest", "cuts", "pytorch_lightning", "lightning_fabric"))
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Optional, Sequence
 
-from cuts.io import one_line
+from cuts.io import configure_logging, one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable
 from cuts.workers import Terminated, sigterm_raises
@@ -64,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         with sigterm_raises():
             summary = cmd_kmeans(args)

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from cuts.io import one_line
+from cuts.io import configure_logging, one_line
 from nest.errors import ProbeError
 from nest.config.load import open_manifest
 from nest.probe.features import CKPT_KINDS, features_for, read_labels
@@ -95,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="cuts per encoder batch")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         result = run_probe(args.ckpt, args.train, args.dev, args.label, args.layers, args.epochs, args.seed,
                            args.cache, args.out, args.batch_size, lr=args.lr, hidden=args.hidden, device=args.device)
