@@ -47,6 +47,9 @@ def cmd_recipe(args) -> dict:
 def cmd_noise(args) -> dict:
     """A noise set from a folder, NeMo manifests (.json) or Lhotse manifests, by what SRC is."""
     srcs = [Path(s) for s in args.src]
+    missing = [str(s) for s in srcs if not s.exists()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} does not exist: give a noise folder or manifest that does")
     if len(srcs) == 1 and srcs[0].is_dir():
         return prepare_audio_dir(srcs[0], Path(args.out), **set_options(args))
     if all(s.name.endswith((".jsonl.gz", ".jsonl")) for s in srcs):

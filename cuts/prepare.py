@@ -284,6 +284,9 @@ class SetWriter:
                     durations.append(duration)
                 self.shuffle.rng(shard).shuffle(kept)
                 out.writelines(body + "\n" for body in kept)
+            if not durations and not self.kinds:
+                raise NothingUsable(f"nothing to prepare in {what}: it holds no audio file (or manifest line); "
+                                    f"check the path; {self.out_dir} is left as it was")
             if not durations:  # inside the atomic writes: an empty set never replaces a previous one
                 raise NothingUsable(
                     f"no usable audio in {what}: {sum(self.kinds.values())} inputs rejected "

@@ -41,7 +41,7 @@ class TrainerConfig:
     checkpoint_every_minutes: Optional[float] = None  # also refresh last.ckpt this often (null: off)
     keep_last: int = 5  # step checkpoints kept besides last.ckpt and best.ckpt (-1: all)
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
-    enable_progress_bar: bool = True  # tqdm progress bar with loss and audio seconds per second
+    enable_progress_bar: bool = True  # tqdm progress bar with loss and audio-s/s on a terminal (log lines elsewhere)
     sync_batchnorm: bool = True  # BatchNorm statistics over all ranks' batches under DDP (any accelerator)
     ddp_timeout_minutes: float = 30.0  # how long a collective waits for the other ranks before the run fails
     logger: str = "tensorboard"  # tensorboard | wandb (pip install '.[wandb]')

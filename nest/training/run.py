@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -143,7 +144,9 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
     if cfg.data.val_cuts:
         callbacks.append(WindowEndCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
                                              save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
-    if t.enable_progress_bar:
+    # A bar redrawn with carriage returns fills a log file (batch jobs, `| tee`): log lines there instead.
+    bar = t.enable_progress_bar and sys.stderr.isatty()
+    if bar:
         # Refreshed on logging steps only: reading the logged values is what waits on the device.
         callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
     options = trainer_options(cfg, torch.cuda.is_available())
@@ -158,7 +161,7 @@ def build_trainer(cfg: RunConfig, exp_dir: Path) -> pl.Trainer:
             val_check_interval=t.val_check_interval * A if cfg.data.val_cuts else None,
             check_val_every_n_epoch=None,
             limit_val_batches=t.limit_val_batches if cfg.data.val_cuts else 0,
-            num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
+            num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=bar,
             use_distributed_sampler=False,  # lhotse's samplers split the data between ranks themselves
             logger=make_logger(cfg, exp_dir), callbacks=callbacks, plugins=plugins,
             default_root_dir=str(exp_dir), **options,

@@ -42,6 +42,9 @@ stage=1
 stop_stage=5
 source "$(dirname "${BASH_SOURCE[0]}")/../stages.sh"
 [ -n "$speech_dir" ] || { echo "error: give --speech-dir (see --help)" >&2; exit 2; }
+for d in "$speech_dir" ${noise_dir:+"$noise_dir"}; do  # before an hour of preparing the speech finds a mistyped noise folder
+  [ -e "$d" ] || { echo "error: $d does not exist (--speech-dir / --noise-dir)" >&2; exit 2; }
+done
 config=${config:-$REPO/configs/nest_fast-conformer.yaml}
 data=$work_dir/data/folder
 exp=${exp_dir:-$work_dir/exp/folder_nest}

@@ -210,12 +210,13 @@ def test_linked_folders_are_followed_once_and_what_is_skipped_is_counted(tmp_pat
     assert summary["skipped"] == {"folders reached again through a link": 2, "files not audio (by extension)": 1}
 
 
-def test_an_empty_input_folder_creates_no_output_folder(tmp_path):
+def test_an_empty_input_folder_creates_no_output_folder(tmp_path, capsys):
     from cuts.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main(["audio-dir", str(tmp_path / "empty"), str(tmp_path / "new" / "out")]) == 1
     assert not (tmp_path / "new").exists()
+    assert "holds no audio file" in capsys.readouterr().err
 
 
 def test_lhotse_manifest_relative_paths_and_missing_files(tmp_path, monkeypatch):
