@@ -14,7 +14,6 @@ import logging
 import re
 import shutil
 import urllib.parse
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -34,6 +33,7 @@ from cuts.io import sha256_file
 from nest.config.load import load_model_config, open_manifest
 from nest.errors import CheckpointError, ConfigError, ProbeError
 from nest.io.checkpoint import load_model
+from nest.io.torch_file import torch_file_problem
 from nest.model.features import PreprocessorConfig
 from nest.objectives import build_model
 from nest.objectives.base import select_layers
@@ -118,9 +118,9 @@ def checked_file(spec: str) -> Path:
         if ":" in spec and not Path(prefix).exists():
             raise ProbeError(f"checkpoint {spec!r}: unknown kind {prefix + ':'!r}; give {CKPT_KINDS}")
         raise ProbeError(f"checkpoint {spec}: no such file; give {CKPT_KINDS}")
-    if path.suffix != ".nemo" and not zipfile.is_zipfile(path):
-        raise ProbeError(f"checkpoint {spec}: unknown checkpoint kind (neither a torch checkpoint nor a .nemo "
-                         f"file); give {CKPT_KINDS}")
+    problem = None if path.suffix == ".nemo" else torch_file_problem(path)
+    if problem:  # empty, cut short, or another kind of file: said as every command says it
+        raise ProbeError(f"checkpoint {spec}: not a readable PyTorch checkpoint: {problem}; give {CKPT_KINDS}")
     return path
 
 

@@ -178,8 +178,12 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ProbeError, match="no such file"):
         load_source(str(tmp_path / "missing.ckpt"), 0)
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(ProbeError, match="notes.txt: unknown checkpoint kind"):
+    with pytest.raises(ProbeError, match="notes.txt: not a readable PyTorch checkpoint: its 11 bytes are not in "
+                                         "torch.save's format"):
         load_source(str(tmp_path / "notes.txt"), 0)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ProbeError, match="empty.ckpt: not a readable PyTorch checkpoint: the file is empty"):
+        load_source(str(tmp_path / "empty.ckpt"), 0)
     with pytest.raises(ProbeError, match="does not exist"):
         load_source("random:configs/nope.yaml", 0)
 
