@@ -6,7 +6,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 
-from cuts.dataset import AudioNoiseBatch
+from cuts.dataset import AudioNoiseBatch, TimedReader
 from cuts.feed import DataFeed
 
 
@@ -30,8 +30,8 @@ class NestDataModule(pl.LightningDataModule):
     def noise_bank(self, device: torch.device) -> Optional[torch.Tensor]:
         """The training loader's noise bank in ``device`` memory, decoded and moved once (None without one)."""
         if self._bank is None or self._bank.device != device:
-            bank = self.feed.bank
-            self._bank = None if bank is None else bank.samples().to(device)
+            bank = self.feed.bank  # decoded here, under the read watchdog, with no copy kept on the host
+            self._bank = None if bank is None else bank.load(TimedReader(self.feed.cfg.read_timeout)).to(device)
         return self._bank
 
     def train_dataloader(self):

@@ -66,6 +66,7 @@ class NestLightningModule(pl.LightningModule):
         self.guard = GuardedStep(self.model, opt.optimizer, self.lr_schedulers(), self.step_cfg,
                                  backward=self.manual_backward, no_sync=no_sync, optimizer_step=opt.step,
                                  skipped=self.meters.totals.skipped_steps)
+        self.trainer.datamodule.noise_bank(self.device)  # decoded before the first step, on every rank alike
         self.meters.start_window()
         lightning_private.broadcast_sigterm_on_logging_steps(self.trainer, self.is_logging_step)
 
