@@ -9,6 +9,7 @@ memory, as torch's default_collate does, so that handing it to the training proc
 from __future__ import annotations
 
 import io
+import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -87,6 +88,8 @@ class Direct:
         try:
             f = self.open()
         except (RuntimeError, OSError):  # soundfile.LibsndfileError is a RuntimeError
+            if isinstance(self.source, str) and not os.path.exists(self.source):  # one line, not lhotse's six
+                raise FileNotFoundError(f"{self.source}: no such file") from None
             return False
         with f:
             if f.channels != 1 or f.samplerate != self.rate or f.frames - self.start < self.frames:

@@ -105,19 +105,21 @@ class SkipFirst:
 
 def resolve_workers(setting, local_world_size: int) -> int:
     """``data.num_workers``: a number as given, or ``auto``: the cores of this rank less one for its training
-    process (at least 1). A rank's cores: SLURM's ``--cpus-per-task`` when SLURM says it (tasks are then bound
-    each to its own cores), else the cores this process may run on (its affinity, at most a container's CPU
-    quota) shared by the ranks of this machine."""
+    process (at least 1). The cores this process may run on (its affinity, at most a container's CPU quota) are
+    shared by the ranks of this machine, unless SLURM runs each rank as a task of its own (as many tasks per
+    node as local ranks): then they are the task's, at most its ``--cpus-per-task``."""
     if setting != "auto":
         return int(setting)
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if per_task.isdigit() and int(per_task) > 0:
-        return max(1, int(per_task) - 1)
     try:
         cores = len(os.sched_getaffinity(0))  # the cores this job was given, not the machine's
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(cores, _cpu_quota() or cores) // max(1, local_world_size) - 1)
+    cores = min(cores, _cpu_quota() or cores)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "8" or "8(x2)"
+    if per_task.isdigit() and int(per_task) > 0 and tasks.isdigit() and int(tasks) == local_world_size:
+        return max(1, min(cores, int(per_task)) - 1)
+    return max(1, cores // max(1, local_world_size) - 1)
 
 
 def _cpu_quota() -> Optional[int]:

@@ -175,6 +175,8 @@ class NestLightningModule(pl.LightningModule):
         values["loss"] = total["loss"] / loss_cuts if loss_cuts else math.inf
         self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=1)
         self.log("val_loss", values["loss"], prog_bar=True, batch_size=1)
+        if self.trainer.progress_bar_callback is None and self.global_rank == 0:  # batch logs: a line, as for steps
+            log.info("validation at step %d: val_loss %.3f over %d cuts", self.global_step, values["loss"], round(cuts))
 
     # ---- checkpoints and summary --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

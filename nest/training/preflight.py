@@ -7,8 +7,8 @@
 3. Side files: data.bins and data.bucket_batch_size load.
 4. Checkpoints: resume (``auto``: last.ckpt, or a new run with a line saying so) exists and loads; init_from is a
    file.
-5. The experiment folder (rank 0): a new run never writes into another run's (one without a checkpoint is taken
-   over); a resumed one keeps its model.
+5. The experiment folder (every rank; the first moves old logs aside): a new run never writes into another run's
+   (one without a checkpoint is taken over); a resumed one keeps its model.
 6. The data itself: the sampler makes a batch and the first cuts' audio loads; a warning when cuts would never
    be trained on or the bins look like another corpus's (cuts.feed.DataFeed.preflight).
 
@@ -68,7 +68,7 @@ def preflight(cfg: RunConfig) -> StartUp:
     resume_from = find_resume(cfg, exp_dir)
     # On every rank: a rank that went on while the first one stopped would wait for it until the DDP timeout.
     check_exp_dir(cfg, exp_dir, resume_from, first_rank=_global_rank_from_env() == 0)
-    if resume_from:
+    if resume_from and _global_rank_from_env() == 0:
         say_if_finished(cfg, resume_from)
     feed = DataFeed(d, cfg.model.preprocessor.sample_rate, cfg.seed, with_targets=cfg.model.targets == "kmeans")
     try:
@@ -174,7 +174,11 @@ def check_exp_dir(cfg: RunConfig, exp_dir: Path, ckpt_path: Optional[str], first
         raise ConfigError(f"exp_dir {exp_dir} already holds a run (checkpoints): continue it with resume=auto, "
                           f"or give another exp_dir")
     tb = exp_dir / "tb"
-    if not has_checkpoint and tb.is_dir() and any(tb.iterdir()):
+    try:
+        stale = not has_checkpoint and tb.is_dir() and any(tb.iterdir())
+    except FileNotFoundError:  # moved aside by the first rank in the meantime
+        stale = False
+    if stale:
         if not first_rank:
             return
         n = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in exp_dir.glob("tb.no-checkpoint-*")

@@ -63,9 +63,14 @@ def test_auto_workers_are_the_cores_of_each_local_rank_less_one(monkeypatch):
     assert resolve_workers("auto", 32) == 1 and resolve_workers(3, 8) == 3
     monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: 8)  # a container's quota of 8 CPUs, all 16 visible
     assert resolve_workers("auto", 2) == 3
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")  # SLURM binds each task to its own 12 cores
+    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")  # SLURM runs each of 8 ranks as a task with 12 cores
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
     assert resolve_workers("auto", 8) == 11
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")  # one task holds the 8 ranks: its cores are shared
+    assert resolve_workers("auto", 8) == 1
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
     monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     feed = DataFeed(DataConfig(num_workers="auto"), 16000, 0)

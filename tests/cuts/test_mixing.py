@@ -197,19 +197,19 @@ def test_a_read_that_times_out_never_writes_into_a_later_batch(tmp_path, monkeyp
 
     def stalls_on_u0(cut, row, frames):
         if cut.id.startswith("u0"):  # storage that answers after the watchdog gave up
-            time.sleep(1.5)
+            time.sleep(3.0)
             row[:] = 12345
             return frames
         return original(cut, row, frames)
 
     monkeypatch.setattr(audio_module, "_read_row", stalls_on_u0)
-    ds = NestDataset(SR, None, seed=0, read_timeout=0.5, pcm16=True, buffers=SharedBuffers(1))
+    ds = NestDataset(SR, None, seed=0, read_timeout=1.0, pcm16=True, buffers=SharedBuffers(1))
     items = [SamplerItem(cuts=CutSet(cuts[:2]), index=0), SamplerItem(cuts=CutSet(cuts[2:]), index=1)]
     loader = torch.utils.data.DataLoader(ds, sampler=items, batch_size=None, num_workers=1, prefetch_factor=2)
     first, second = list(loader)
     assert [c for c, _ in first.failed] == [cuts[0].id] and second.cut_ids == [c.id for c in cuts[2:]]
     expected = second.audio.clone()
-    time.sleep(2.0)  # the stalled read has ended by now
+    time.sleep(3.0)  # the stalled read has ended by now
     assert torch.equal(second.audio, expected) and not (second.audio == 12345).any()
 
 
@@ -231,3 +231,15 @@ def test_what_soundfile_cannot_read_as_declared_goes_to_lhotse(tmp_path, monkeyp
     monkeypatch.setattr(audio_module, "lhotse_mono", lambda cut: asked.append(cut.id) or lhotse_mono(cut))
     out, errors = read_rows([cut_of(tmp_path / "r48.wav"), cut_of(tmp_path / "a.m4a")], run)
     assert asked == ["r48", "a"] and all(e is not None for e in errors)  # lhotse's own errors, the cuts dropped
+
+
+def test_a_missing_file_is_one_line_and_keeps_the_batch_in_pcm16(odd_cuts, tmp_path):
+    from lhotse import MonoCut
+    from lhotse.audio import AudioSource
+
+    rec = Recording(id="gone", sources=[AudioSource(type="file", channels=[0], source=str(tmp_path / "gone.wav"))],
+                    sampling_rate=SR, num_samples=SR, duration=1.0)
+    gone = MonoCut(id="gone", start=0, duration=1.0, channel=0, recording=rec)
+    out, errors = read_rows([gone, odd_cuts["wav"]], run, pcm16=True)
+    assert out.dtype == torch.int16 and errors[1] is None
+    assert isinstance(errors[0], FileNotFoundError) and str(errors[0]) == f"{tmp_path / 'gone.wav'}: no such file"
