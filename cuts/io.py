@@ -7,6 +7,7 @@ seeded random order with a fixed memory budget (the way ``sort`` does an externa
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
 import hashlib
@@ -114,6 +115,13 @@ def one_line(message: object) -> str:
     from a user's file, a control code) is written as its escape, so that an error stays one line."""
     text = str(message).strip()
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A command's ``--help``: descriptions as written, each option with its default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def configure_logging(fmt: str = "%(levelname)s %(name)s: %(message)s",

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from cuts.io import atomic_write
+from cuts.io import HelpFormatter, atomic_write
 from nest.config.schema import OptimConfig
 from nest.errors import CheckpointError, ConfigError
 from nest.io.checkpoint import load_model
@@ -196,7 +196,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str, force: bool = False) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="nest-export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("ckpt", help="train.py's .ckpt, save_model's file or a NeMo .nemo file")
     ap.add_argument("out", help="the .nemo file (--format nemo) or the folder (--format hf) to write")
     ap.add_argument("--format", required=True, choices=FORMATS, dest="fmt")

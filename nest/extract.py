@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cuts.dataset import at_rate, load_mono
-from cuts.io import one_line
+from cuts.io import HelpFormatter, one_line
 from cuts.sampler import open_cuts
 from nest.io.checkpoint import load_model
 from nest.objectives.base import select_layers
@@ -134,7 +134,7 @@ def extract(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nest.extract", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("ckpt", help="our checkpoint (.ckpt/.pt) or a NeMo .nemo file")
     ap.add_argument("cuts", help="CutSet manifest (local or URL) or Lhotse Shar folder, as data.train_cuts takes")
     ap.add_argument("out_dir")

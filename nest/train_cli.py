@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from cuts.io import configure_logging as command_logging, one_line
+from cuts.io import HelpFormatter, configure_logging as command_logging, one_line
 from nest.config import describe, load_config
 from nest.errors import ConfigError
 from nest.summary import summary_line
@@ -24,7 +24,7 @@ def configure_logging() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="train.py", description=__doc__, formatter_class=HelpFormatter,
         epilog="Sections and keys with their defaults:\n\n" + describe(),
     )
     parser.add_argument("--config", help="YAML file (e.g. configs/nest_tiny.yaml; a bare name is looked up in the "

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from cuts.io import configure_logging, one_line
+from cuts.io import HelpFormatter, configure_logging, one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable
 from cuts.workers import Terminated, sigterm_raises
@@ -28,7 +28,7 @@ from nest.kmeans.label import run_kmeans
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``kmeans`` on an argparse subparsers object (prepare.py kmeans ...)."""
     p = subparsers.add_parser("kmeans", help="HuBERT-style k-means targets: fit on a sample, label every cut",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=cmd_kmeans)
     return p
@@ -60,7 +60,7 @@ def cmd_kmeans(args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nest.kmeans", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     _add_arguments(ap)
     args = ap.parse_args(argv)
     configure_logging()

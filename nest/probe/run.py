@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cuts.io import configure_logging, one_line
+from cuts.io import HelpFormatter, configure_logging, one_line
 from nest.errors import ProbeError
 from nest.config.load import open_manifest
 from nest.probe.features import CKPT_KINDS, features_for, read_labels
@@ -77,7 +77,7 @@ def run_probe(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nest.probe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("ckpt", help=CKPT_KINDS)
     ap.add_argument("--train", required=True, help="CutSet manifest (or Shar folder) the head trains on")
     ap.add_argument("--dev", required=True, help="CutSet manifest (or Shar folder) the head is scored on")
