@@ -1,10 +1,12 @@
 """nest-prepare on any input: a result, or one line naming the input and the fix with exit 1, never a traceback and
 never an exit 0 that lost data. bins and report follow a training config's data section."""
+import atexit
 import contextlib
 import gzip
 import io
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from lhotse import CutSet, MonoCut, Recording
 
 from nest.prepare_cli import main
 
-AUDIO_DIR = Path(tempfile.mkdtemp(prefix="nest-prepare-cli-"))
+AUDIO_DIR = Path(tempfile.mkdtemp(prefix="nest-prepare-cli-"))  # made at import: the strategies below name it
+atexit.register(shutil.rmtree, AUDIO_DIR, True)
 
 
 def run(*argv) -> tuple[int, str, str]:
