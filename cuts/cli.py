@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, manifest_durations, plot_bins
 from cuts.config import DataConfig
-from cuts.io import HelpFormatter, configure_logging, one_line
+from cuts.console import HelpFormatter, configure_logging, one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable, prepare_audio_dir
 from cuts.sources import RECIPES, SHAR_AUDIO_FORMATS, export_shar, prepare_lhotse_manifest, prepare_nemo_manifests, prepare_recipe

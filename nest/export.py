@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from cuts.io import HelpFormatter, atomic_write
+from cuts.console import HelpFormatter
+from cuts.io import atomic_write
 from nest.config.schema import OptimConfig
 from nest.errors import CheckpointError, ConfigError
 from nest.io.checkpoint import load_model

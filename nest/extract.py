@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cuts.dataset import at_rate, load_mono
-from cuts.io import HelpFormatter, one_line
+from cuts.console import HelpFormatter, one_line
 from cuts.sampler import open_cuts
 from nest.io.checkpoint import load_model
 from nest.objectives.base import select_layers

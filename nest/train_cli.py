@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from cuts.io import HelpFormatter, configure_logging as command_logging, one_line
+from cuts.console import HelpFormatter, configure_logging as command_logging, one_line
 from nest.config import describe, load_config
 from nest.errors import ConfigError
 from nest.summary import summary_line

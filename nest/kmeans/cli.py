@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from cuts.io import HelpFormatter, configure_logging, one_line
+from cuts.console import HelpFormatter, configure_logging, one_line
 from cuts.lock import FolderBusy
 from cuts.prepare import NothingUsable
 from cuts.workers import Terminated, sigterm_raises

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cuts.io import HelpFormatter, configure_logging, one_line
+from cuts.console import HelpFormatter, configure_logging, one_line
 from nest.errors import ProbeError
 from nest.config.load import open_manifest
 from nest.probe.features import CKPT_KINDS, features_for, read_labels

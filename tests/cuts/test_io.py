@@ -90,7 +90,7 @@ def test_prepared_cuts_are_shuffled_with_the_seed(tmp_path):
 
 
 def test_one_line_escapes_what_would_break_an_error_line():
-    from cuts.io import one_line
+    from cuts.console import one_line
 
     text = one_line(ValueError("key '\x85' in a.jsonl:3\u2028and \x1e; é 中\n"))
     assert len(text.splitlines()) == 1 and text == "key '\\x85' in a.jsonl:3\\u2028and \\x1e; é 中"
