@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from lhotse.cut import Cut, MixedCut
 
-from cuts.audio import as_float, load_mono
+from cuts.audio import as_float
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ class NoiseBank:
 
     def __init__(self, cuts: Sequence[Cut]):
         self.cuts = list(cuts)
-        self._samples: Optional[torch.Tensor] = None
         self.where: dict[str, tuple[int, float]] = {}  # noise cut id -> (first sample in the bank, its start)
         total = 0
         for c in self.cuts:
@@ -115,17 +114,9 @@ class NoiseBank:
             left -= cut.duration
         return cls(chosen)
 
-    def __getstate__(self) -> dict:  # workers get the cuts, never decoded audio
-        return {"cuts": self.cuts, "where": self.where, "num_samples": self.num_samples, "_samples": None}
-
-    def samples(self) -> torch.Tensor:
-        """``load(load_mono)``, decoded once (in the training process: once per rank)."""
-        if self._samples is None:
-            self._samples = self.load(load_mono)
-        return self._samples
-
     def load(self, read: Reader) -> torch.Tensor:
-        """(num_samples,) float32: every cut decoded, back to back (a cut that fails to load stays silent)."""
+        """(num_samples,) float32: every cut decoded, back to back (a cut that fails to load stays silent). The
+        training process decodes it once per rank, onto the device (nest.training.data); workers get the cuts."""
         out = torch.zeros(self.num_samples)
         for c in self.cuts:
             start = self.where[c.id][0]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from cuts.audio import load_mono
 from cuts.config import DataConfig, NoiseConfig
 from cuts.feed import DataFeed, resolve_workers
 from cuts.sources import export_shar
@@ -22,7 +23,7 @@ def batches(feed: DataFeed, n: int) -> list:
     """The first ``n`` batches of the feed's training loader, each committed as a training step does, as the
     model would take them (prepared, with the noise bank)."""
     out, loader = [], iter(feed.train_dataloader())
-    bank = feed.bank.samples() if feed.bank is not None else None
+    bank = feed.bank.load(load_mono) if feed.bank is not None else None
     for _ in range(n):
         batch = next(loader)
         feed.batch_done(batch, window_end=True)
