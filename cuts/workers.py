@@ -3,7 +3,9 @@
 A killed ``prepare --jobs N`` once left its workers (about 300 MB each) waiting forever on their task queue, which
 every worker holds open, and its temporary files behind. Here each worker watches its parent and exits when the
 parent is gone (SIGKILL included); SIGTERM and SIGINT reach the main process as an exception, so ``with`` blocks
-remove their temporary files, pending tasks are cancelled and the workers are told to stop.
+remove their temporary files, pending tasks are cancelled and the workers are told to stop. Both signals wait while
+workers are forked: an exception raised by a handler inside fork's hooks (logging's lock release runs there) is
+printed and dropped by Python, and the command would go on as if nothing had been asked.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Optional
 
 PARENT_POLL_S = 0.5
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class Terminated(Exception):
@@ -40,11 +43,35 @@ def _start_worker(initializer: Optional[Callable], initargs: tuple) -> None:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT that arrive in the block are handled as the block ends (in the main thread; elsewhere
+    the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+        if arrived:
+            signal.raise_signal(arrived[0])  # handled now, by the handler the block found
+
+
+class _Pool(ProcessPoolExecutor):
+    def submit(self, fn, /, *args, **kwargs):
+        with signals_held():  # the workers (and the thread that may start more) are started inside submit
+            return super().submit(fn, *args, **kwargs)
+
+
+@contextlib.contextmanager
 def process_pool(jobs: int, initializer: Optional[Callable] = None, initargs: tuple = ()
                  ) -> Iterator[ProcessPoolExecutor]:
     """A ProcessPoolExecutor of ``jobs`` workers that exit with this process; when the block fails (or is
     interrupted), tasks not started are cancelled and only the running ones are waited for."""
-    pool = ProcessPoolExecutor(jobs, initializer=_start_worker, initargs=(initializer, initargs))
+    pool = _Pool(jobs, initializer=_start_worker, initargs=(initializer, initargs))
     try:
         yield pool
     except BaseException:

@@ -106,6 +106,26 @@ def test_nested_holds_share_the_lock_and_a_failed_first_run_leaves_no_folder(tmp
     assert not (tmp_path / "x").exists()
 
 
+def test_a_sigterm_that_arrives_while_workers_are_forked_still_stops_the_command():
+    # Python drops an exception raised by a signal handler inside fork's hooks (after the fork, in the parent): a
+    # SIGTERM sent then was printed as "Exception ignored" and the command went on to the end.
+    script = """if True:
+        import os, signal
+        from cuts.workers import Terminated, process_pool, sigterm_raises
+        os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            with sigterm_raises(), process_pool(2) as pool:
+                for _ in range(20):
+                    pool.submit(int).result()
+            print("went on")
+        except Terminated as e:
+            print(e)
+    """
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "stopped by SIGTERM", "")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_prepare_leaves_no_worker_and_no_temporary_file(tmp_path, sig):
     corpus(tmp_path / "src", 3)
@@ -121,7 +141,7 @@ def test_a_killed_prepare_leaves_no_worker_and_no_temporary_file(tmp_path, sig):
     _, err = run.communicate()
     assert wait_for(lambda: not any(map(alive, workers)), timeout=30), "workers outlived the command"
     if sig == signal.SIGTERM:
-        assert rc == 143 and "stopped by SIGTERM" in err and "Traceback" not in err
+        assert rc == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, (rc, err)
         assert {p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")} == {".lock"}
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()
             if not p.name.startswith(".")} == before  # the previous set is untouched
