@@ -49,6 +49,9 @@ class EncoderModel(nn.Module):
     def set_num_updates(self, step: int) -> None:
         """The training step, for objectives whose schedule depends on it (nothing here)."""
 
+    # The metrics measured over the masked frames: a batch with nothing masked has no value for them (they read 0).
+    masked_metrics: frozenset[str] = frozenset()
+
     def metrics(self, out) -> dict[str, torch.Tensor]:
         """Scalar tensors of one forward pass for logging steps, computed on the device."""
         raise NotImplementedError

@@ -134,6 +134,8 @@ class NestModel(EncoderModel):
             self.window_counts = counts if self.window_counts is None else self.window_counts + counts
         return NestOutput(log_probs, encoded_lens, tokens, frame_mask, token_mask, loss, mask_lens)
 
+    masked_metrics = frozenset({"masked_accuracy"})
+
     def has_loss(self, out: NestOutput) -> torch.Tensor:
         T = min(out.log_probs.shape[1], out.tokens.shape[1], out.token_mask.shape[1])
         return (out.token_mask[:, :T, None] & (out.tokens[:, :T] >= 0)).any()

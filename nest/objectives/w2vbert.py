@@ -187,6 +187,8 @@ class W2vBertModel(EncoderModel):
                     decoder_out=decoder_out, logits=logits, target_ids=target_ids, codes=codes,
                     mlm_log_probs=mlm_log_probs, step_mask=step_mask)
 
+    masked_metrics = frozenset({"contrastive_loss", "mlm_loss", "contrastive_accuracy", "mlm_accuracy"})
+
     def has_loss(self, out: W2vBertOutput) -> torch.Tensor:
         return out.step_mask.any()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -209,6 +209,15 @@ class RunMeters:
             "last_loss": t.last_loss, "cuts_seen": t.cuts, "failed_cuts": t.failed_cuts,
             "skipped_steps": t.skipped_steps, "oom_retries": t.oom_retries,
         }
+
+
+def weighted(value: torch.Tensor, weight: Union[float, torch.Tensor]) -> torch.Tensor:
+    """``value * weight`` in float32; a weight of 0 (a number, or a tensor compared on the device without a host
+    sync) also silences a nan or inf in ``value``: a batch that measures nothing adds nothing."""
+    value = value.float()
+    if isinstance(weight, torch.Tensor):
+        return torch.where(weight > 0, value, torch.zeros_like(value)) * weight
+    return value * weight if weight else torch.zeros_like(value)
 
 
 DATA_WAIT_WARNING = 0.10  # of the step time, past which a run says once that data loading holds it up

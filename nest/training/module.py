@@ -23,7 +23,7 @@ from nest.objectives import build_model
 from nest.objectives.config import ModelConfig, model_config_from_dict
 from nest.training import lightning_private
 from nest.training.distributed import all_reduce_
-from nest.training.meters import RunMeters, check_window, data_wait_warning
+from nest.training.meters import RunMeters, check_window, data_wait_warning, weighted
 from nest.training.optim import make_optimizer
 from nest.training.step import GuardedStep, StepOptions, batch_torch_seed, forward_batch
 
@@ -146,13 +146,15 @@ class NestLightningModule(pl.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
             out = self(batch)
-        # A batch with nothing masked has no loss: its 0 stays out of val_loss (and of the choice of best.ckpt).
+        # A batch with nothing masked has no loss: its 0 stays out of val_loss (and of the choice of best.ckpt), and
+        # out of the metrics measured over masked frames.
         counted = weight * self.model.has_loss(out).float()
-        metrics = {"loss": (out.loss.detach(), counted), **{k: (v, weight) for k, v in self.model.metrics(out).items()}}
+        per_mask = self.model.masked_metrics
+        metrics = {"loss": (out.loss.detach(), counted),
+                   **{k: (v, counted if k in per_mask else weight) for k, v in self.model.metrics(out).items()}}
         sums = self._val_sums
         for k, (v, w) in metrics.items():  # weighted by cuts, kept on the device
-            v = torch.nan_to_num(v.float(), nan=0.0, posinf=0.0, neginf=0.0) if not weight else v.float()
-            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v * w
+            sums[k] = sums.get(k, torch.zeros((), device=self.device)) + weighted(v, w)
         sums["_cuts"] = sums.get("_cuts", torch.zeros((), device=self.device)) + weight
         sums["_loss_cuts"] = sums.get("_loss_cuts", torch.zeros((), device=self.device)) + counted
 
@@ -171,8 +173,9 @@ class NestLightningModule(pl.LightningModule):
             log.warning("validation: no frame of the %d validation cuts was masked (short cuts against "
                         "model.masking.block_size and mask_prob): val_loss is reported as inf, and best.ckpt is not "
                         "chosen by it; give longer validation cuts", round(cuts))
-        values = {k: (v / cuts if cuts else math.inf) for k, v in total.items()}
-        values["loss"] = total["loss"] / loss_cuts if loss_cuts else math.inf
+        per_mask = self.model.masked_metrics
+        values = {k: (v / n if (n := loss_cuts if k in per_mask else cuts) else math.nan) for k, v in total.items()}
+        values["loss"] = total["loss"] / loss_cuts if loss_cuts else math.inf  # never the best
         self.log_dict({f"val/{k}": v for k, v in values.items()}, batch_size=1)
         self.log("val_loss", values["loss"], prog_bar=True, batch_size=1)
         if self.trainer.progress_bar_callback is None and self.global_rank == 0:  # batch logs: a line, as for steps

@@ -6,7 +6,7 @@ import torch
 
 from nest.config import load_config
 from nest.objectives import build_model
-from nest.training.meters import RunMeters
+from nest.training.meters import RunMeters, weighted
 from tests.conftest import ROOT
 
 
@@ -36,6 +36,10 @@ def test_a_batch_with_nothing_masked_has_no_loss_to_log():
         kw["frame_mask"][:, 8:48] = True  # one block of 40 frames, in both utterances
         masked = model(audio, lens, audio, lens, **kw)
         assert bool(model.has_loss(masked)) and not bool(model.has_loss(bare)), config
+        # what validation leaves out for a batch without a loss: metrics over masked frames, which read 0 there
+        per_mask = {k: v for k, v in model.metrics(bare).items() if k in model.masked_metrics}
+        assert per_mask and all(float(v) == 0 for v in per_mask.values()), (config, per_mask)
+        assert model.masked_metrics <= set(model.metrics(masked)), config
     meters = RunMeters()
 
     class Batch:  # what the meters read of an AudioNoiseBatch
@@ -48,3 +52,10 @@ def test_a_batch_with_nothing_masked_has_no_loss_to_log():
     meters.add_batch(Batch(), 16000, torch.tensor(0.0), torch.tensor(False), 1.0, 0)
     report = meters.log(torch.device("cpu"), torch.zeros(()), torch.zeros(()), 1e-3, {}, 1.0)
     assert report.mean_loss is None and "train/loss" not in report.metrics
+
+
+def test_a_weight_of_zero_adds_nothing_even_to_a_nan():
+    nan = torch.tensor(float("nan"))
+    assert float(weighted(nan, 0.0)) == 0 and float(weighted(nan, torch.tensor(0.0))) == 0
+    assert float(weighted(torch.tensor(0.5), torch.tensor(4.0))) == float(weighted(torch.tensor(0.5), 4.0)) == 2.0
+    assert torch.isnan(weighted(nan, torch.tensor(1.0)))  # a measured nan stays visible

@@ -1,5 +1,6 @@
 """train.py's lifecycle on CPU: checkpoints, TensorBoard metrics, kill and resume, init_from, extraction."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,10 @@ def test_validation_with_nothing_masked_reports_no_loss_of_zero(tiny_corpus, tmp
     train(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    vals = [e.value for e in EventAccumulator(str(tmp_path / "exp" / "tb")).Reload().Scalars("val_loss")]
+    events = EventAccumulator(str(tmp_path / "exp" / "tb")).Reload()
+    vals = [e.value for e in events.Scalars("val_loss")]
     assert vals and all(v == float("inf") for v in vals)
+    accuracy = [e.value for e in events.Scalars("val/masked_accuracy")]  # no value, not an accuracy of 0
+    assert accuracy and all(math.isnan(v) for v in accuracy)
+    assert all(0 < e.value < math.inf for e in events.Scalars("val/target_perplexity"))  # over every frame
     assert "no frame of the" in caplog.text and "was masked" in caplog.text
