@@ -3,6 +3,7 @@ would leave empty is not, and what the duration limits leave out is counted with
 import gzip
 import json
 import logging
+import re
 import subprocess
 import sys
 from itertools import islice
@@ -135,8 +136,15 @@ def test_gzip_manifest_cut_short_stops_start_up_and_ends_an_epoch_mid_run(tmp_pa
     data = cuts.read_bytes()
     short = tmp_path / "short.jsonl.gz"
     short.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ConfigError, match=r"data.train_cuts: .*short.jsonl.gz: unreadable after line \d+ .*cut short"):
+    with pytest.raises(ConfigError, match=r"data.train_cuts: .*short.jsonl.gz: unreadable after line \d+ .*cut short") \
+            as start_up:
         preflight(data_cfg(short, tmp_path))
+    from cuts.io import ManifestError, iter_jsonl
+
+    with pytest.raises(ManifestError) as reading:
+        list(iter_jsonl(short))
+    line = re.search(r"after line (\d+) ", str(reading.value)).group(1)  # the same line, whoever reads the file
+    assert int(line) > 0 and f"after line {line} " in str(start_up.value)
     # The same damage met during training (the file replaced after start-up): the cuts before it are used.
     from cuts.sampler import open_cuts
 
