@@ -13,6 +13,17 @@ def one_line(message: object) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for one file's failure in a log or a list. lhotse's AudioLoadingError
+    ("... failed. Details:" then one line per backend) gives its first backend's reason, which says why."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    backend = next((line.split("): ", 1)[-1] for line in lines[1:] if line.startswith("Exception #")), None)
+    if backend and first.endswith("Details:"):
+        first = f"{first.removesuffix(' Details:').rstrip('.')}: {backend}"
+    return one_line(f"{type(e).__name__}: {first}".rstrip(": "))
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """A command's ``--help``: descriptions as written, each option with its default (when it has one)."""
 

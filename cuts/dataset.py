@@ -18,6 +18,7 @@ from lhotse.cut import Cut, MixedCut
 
 from cuts.audio import as_float, load_mono, new_tensor, read_rows, stalled
 from cuts.buffers import SharedBuffers, give_back
+from cuts.console import error_line
 from cuts.mixing import MixPlan, NoiseBank, mix_in_worker, mix_on_device, plan_batch
 from cuts.noise import NoiseMixer, load_batch_audio
 from cuts.targets import IGNORE, collate_targets, load_targets
@@ -232,8 +233,8 @@ class NestDataset(torch.utils.data.Dataset):
                     targets.append(load_targets(cut))
                 keep.append(i)
             except Exception as e:
-                failed.append((cut.id, f"{type(e).__name__}: {e}"))
-                log.warning("dropping cut %s from its batch: audio failed to load (%s: %s)", cut.id, type(e).__name__, e)
+                failed.append((cut.id, error_line(e)))
+                log.warning("dropping cut %s from its batch: audio failed to load (%s)", cut.id, error_line(e))
         reuse = not stalled(errors)  # a timed-out read may still write into ``audio``: its buffer is not reused
         if not keep:  # one second of silence: every rank still takes its step
             if self.buffers is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lhotse.cut import Cut, MixedCut
 
+from cuts.console import error_line
 from cuts.audio import as_float
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class NoiseBank:
             try:
                 audio = read(c)[: c.num_samples]
             except Exception as e:
-                log.warning("noise bank: %s left silent: %s: %s", c.id, type(e).__name__, e)
+                log.warning("noise bank: %s left silent: %s", c.id, error_line(e))
                 continue
             out[start : start + len(audio)] = torch.from_numpy(audio)
         return out
@@ -159,7 +160,7 @@ def plan_batch(cuts: Sequence[Cut], S: int, rows: dict[str, tuple[Cut, int]], re
                 try:
                     audio = read(piece)[:length]
                 except Exception as e:  # a bad noise file must not cost the utterance
-                    log.warning("skipping interference %s of cut %s: %s", piece.id, cut.id, e)
+                    log.warning("skipping interference %s of cut %s: %s", piece.id, cut.id, error_line(e))
                     continue
                 length = len(audio)
                 entry = (r, dest, length, PACKED, packed_len)

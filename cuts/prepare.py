@@ -26,6 +26,7 @@ import numpy as np
 from lhotse import MonoCut, MultiCut, Recording
 from tqdm import tqdm
 
+from cuts.console import error_line
 from cuts.io import ExternalShuffle, atomic_write, write_text
 from cuts.lock import folder_lock
 from cuts.workers import process_pool
@@ -148,16 +149,6 @@ def wav_truncation(path: Path) -> Optional[str]:
             f.seek(length + (length & 1), 1)
 
 
-def _error(e: Exception) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    # lhotse's AudioLoadingError: "... failed. Details:" then one line per backend; the first backend's says why
-    backend = next((line.split("): ", 1)[-1] for line in lines[1:] if line.startswith("Exception #")), None)
-    if backend and first.endswith("Details:"):
-        first = f"{first.removesuffix(' Details:').rstrip('.')}: {backend}"
-    return f"{type(e).__name__}: {first}".rstrip(": ")
-
-
 def probe(path: Path, rec_id: str, min_duration: float, check_audio: bool = True) -> Union[Recording, Rejection]:
     """A Recording (id ``rec_id``, resolved path) for a usable file, or the reason it is not usable.
     Decodes the file once to catch corrupt, truncated and silent audio that a header would not reveal."""
@@ -172,7 +163,7 @@ def probe(path: Path, rec_id: str, min_duration: float, check_audio: bool = True
     try:
         rec = Recording.from_file(path.resolve(), recording_id=rec_id)
     except Exception as e:  # any decoder error means unreadable
-        return Rejection(p, UNREADABLE, _error(e))
+        return Rejection(p, UNREADABLE, error_line(e))
     return check_recording(rec, p, min_duration, check_audio)
 
 
@@ -187,7 +178,7 @@ def check_recording(rec: Recording, source: str, min_duration: float, check_audi
     try:
         audio = rec.load_audio()
     except Exception as e:
-        return Rejection(source, CORRUPT, _error(e))
+        return Rejection(source, CORRUPT, error_line(e))
     decoded = audio.shape[-1] / rec.sampling_rate
     if abs(decoded - rec.duration) > DURATION_TOLERANCE:
         return Rejection(source, CORRUPT, f"header says {rec.duration:.3f} s, decoded {decoded:.3f} s (truncated?)")

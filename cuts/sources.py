@@ -19,12 +19,13 @@ from lhotse.qa import validate
 from lhotse.serialization import deserialize_item
 from tqdm import tqdm
 
+from cuts.console import error_line
 from cuts.io import ExternalShuffle, iter_jsonl
 from cuts.lock import replace_lock
 from cuts.shar import is_url, write_shar_index
 from cuts.prepare import (
     BAD_LINE, DURATION_TOLERANCE, MISSING, NO_RECORDING, PAST_END, TOO_SHORT, NothingUsable, Rejection, SetWriter,
-    _error, add_windows, check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
+    add_windows, check_recording, file_id, finish, is_audio, parallel_map, probe, recording_to_cut, whole_names,
 )
 
 log = logging.getLogger(__name__)
@@ -349,8 +350,8 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
                     writer.write(cut)
                     written += 1
                 except Exception as e:  # the audio did not load: report, skip
-                    log.warning("shar: cut %s left out: %s", cut.id, _error(e))
-                    failed.append({"id": cut.id, "where": where, "reason": _error(e)})
+                    log.warning("shar: cut %s left out: %s", cut.id, error_line(e))
+                    failed.append({"id": cut.id, "where": where, "reason": error_line(e)})
             num_shards = len(writer.output_paths["cuts"])
             write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
         if not written:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cuts.dataset import at_rate, load_mono
-from cuts.console import HelpFormatter, one_line
+from cuts.console import HelpFormatter, error_line, one_line
 from cuts.sampler import open_cuts
 from nest.io.checkpoint import load_model
 from nest.objectives.base import select_layers
@@ -93,7 +93,7 @@ def extract(
                 audio_list.append(torch.from_numpy(load_mono(at_rate(c, sr))))
                 ok.append(c)
             except Exception as e:  # one bad file is reported and skipped
-                log.warning("skipping cut %s: audio failed to load (%s: %s)", c.id, type(e).__name__, e)
+                log.warning("skipping cut %s: audio failed to load (%s)", c.id, error_line(e))
         batch[:] = ok
         if not batch:
             return

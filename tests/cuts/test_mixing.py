@@ -243,3 +243,23 @@ def test_a_missing_file_is_one_line_and_keeps_the_batch_in_pcm16(odd_cuts, tmp_p
     out, errors = read_rows([gone, odd_cuts["wav"]], run, pcm16=True)
     assert out.dtype == torch.int16 and errors[1] is None
     assert isinstance(errors[0], FileNotFoundError) and str(errors[0]) == f"{tmp_path / 'gone.wav'}: no such file"
+
+
+def test_a_file_no_backend_decodes_is_dropped_with_one_line_naming_the_cut(tmp_path, caplog):
+    """lhotse's error for such a file is a paragraph (one line per backend it tried); the run's log and the batch's
+    list of failures get one line: the cut and the first backend's reason."""
+    from lhotse import MonoCut
+    from lhotse.audio import AudioSource
+
+    sf.write(tmp_path / "good.wav", (0.05 * np.random.default_rng(0).standard_normal(SR)).astype(np.float32), SR)
+    (tmp_path / "bad.flac").write_bytes(b"fLaC" + bytes(range(256)) * 8)
+    rec = Recording(id="bad", sources=[AudioSource(type="file", channels=[0], source=str(tmp_path / "bad.flac"))],
+                    sampling_rate=SR, num_samples=SR, duration=1.0)
+    bad = MonoCut(id="bad", start=0, duration=1.0, channel=0, recording=rec)
+    good = recording_to_cut(Recording.from_file(tmp_path / "good.wav"), "first")
+    ds = NestDataset(SR, None, seed=0)
+    batch = ds[SamplerItem(cuts=CutSet([bad, good]), index=0)]
+    assert batch.cut_ids == [good.id] and [c for c, _ in batch.failed] == ["bad"]
+    reason = batch.failed[0][1]
+    said = [r.getMessage() for r in caplog.records if "dropping cut bad" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and reason in said[0] and "\n" not in reason, said
