@@ -35,6 +35,7 @@ from lhotse.serialization import deserialize_item
 
 from cuts.bins import Bins
 from cuts.buffers import SharedBuffers
+from cuts.console import error_line
 from cuts.config import DataConfig
 from cuts.dataset import NestDataset, at_rate, keep_freed_memory, load_mono
 from cuts.mixing import NoiseBank
@@ -263,7 +264,7 @@ class DataFeed:
                 errors = []
                 break
             except Exception as e:
-                errors.append(f"{cut.id}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+                errors.append(f"{cut.id}: {error_line(e)}")
         if errors:
             raise DataSetupError("the audio of the first cuts does not load (" + "; ".join(errors) + "): check that "
                                  "the paths in the manifest exist on this machine")

@@ -18,7 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Optional
 
 PARENT_POLL_S = 0.5
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_held: Optional[list[int]] = None  # while workers are forked (signals_held): the stop signals that arrived
 
 
 class Terminated(Exception):
@@ -44,20 +45,19 @@ def _start_worker(initializer: Optional[Callable], initargs: tuple) -> None:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT that arrive in the block are handled as the block ends (in the main thread; elsewhere
-    the block runs as is)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Inside :func:`sigterm_raises`, the first SIGTERM and the first SIGINT that arrive in the block are raised as it
+    ends (a second SIGTERM still ends the process at once); elsewhere the block runs as is."""
+    global _held
+    if _held is not None or signal.getsignal(signal.SIGTERM) is not _stop:
         yield
         return
-    arrived: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in STOP_SIGNALS}
+    _held = held = []
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
-        if arrived:
-            signal.raise_signal(arrived[0])  # handled now, by the handler the block found
+        _held = None
+        if held:
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])
 
 
 class _Pool(ProcessPoolExecutor):
@@ -80,19 +80,31 @@ def process_pool(jobs: int, initializer: Optional[Callable] = None, initargs: tu
     pool.shutdown(wait=True)
 
 
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+def _stop(signum, frame) -> None:
+    """SIGTERM raises :class:`Terminated` and goes back to its default (a second one ends the process at once);
+    SIGINT raises KeyboardInterrupt. In :func:`signals_held` the first of each is kept for the block's end."""
+    held = _held
+    if held is not None and signum not in held:
+        held.append(signum)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    if held is not None:  # the second SIGTERM while workers are forked: the first one waits, this one may not
+        signal.raise_signal(signum)
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """In the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere the block runs as is)."""
+    """In the block, SIGTERM raises :class:`Terminated` and SIGINT KeyboardInterrupt, in the main thread (elsewhere
+    the block runs as is)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python

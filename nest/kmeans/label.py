@@ -19,6 +19,7 @@ from lhotse.cut import Cut
 from lhotse.features.io import NumpyHdf5Writer
 from tqdm import tqdm
 
+from cuts.console import error_line
 from cuts.io import atomic_write, sha256_file, write_text
 from cuts.lock import folder_lock
 from cuts.prepare import DUPLICATE, UNREADABLE, Rejection, SetWriter, finish
@@ -50,8 +51,7 @@ def _load(cut) -> tuple[Optional[np.ndarray], Optional[str]]:
     try:
         audio = _STATE["featurizer"].load_audio(cut)
     except Exception as e:  # any decoder error: the cut is reported, not fatal
-        msg = str(e).splitlines()[0] if str(e) else ""
-        return None, f"unreadable: {type(e).__name__}: {msg}".strip()
+        return None, f"unreadable: {error_line(e)}"
     if not np.isfinite(audio).all():
         return None, "corrupt: non-finite samples"
     return audio, None

@@ -28,6 +28,7 @@ from lhotse.shar.utils import to_shar_placeholder
 from lhotse.utils import fastcopy
 from torch import nn
 
+from cuts.console import error_line
 from cuts.dataset import at_rate, load_mono
 from cuts.io import sha256_file
 from nest.config.load import load_model_config, open_manifest
@@ -236,8 +237,7 @@ def iter_layer_frames(
         try:
             batch.append((cut, load_mono(at_rate(cut, source.sample_rate))))
         except Exception as e:
-            log.warning("skipping cut %s: audio failed to load (%s: %s)", cut.id, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+            log.warning("skipping cut %s: audio failed to load (%s)", cut.id, error_line(e))
             failed.append(cut.id)
             continue
         if len(batch) == batch_size:
