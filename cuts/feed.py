@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import random
 import warnings
 from itertools import islice
@@ -36,6 +34,7 @@ from lhotse.serialization import deserialize_item
 from cuts.bins import Bins
 from cuts.buffers import SharedBuffers
 from cuts.console import error_line
+from cuts.cpus import resolve_workers
 from cuts.config import DataConfig
 from cuts.dataset import NestDataset, at_rate, keep_freed_memory, load_mono
 from cuts.mixing import NoiseBank
@@ -102,34 +101,6 @@ class SkipFirst:
 
     def __iter__(self):
         return islice(iter(self.loader), self.n, None)
-
-
-def resolve_workers(setting, local_world_size: int) -> int:
-    """``data.num_workers``: a number as given, or ``auto``: the cores of this rank less one for its training
-    process (at least 1). The cores this process may run on (its affinity, at most a container's CPU quota) are
-    shared by the ranks of this machine, unless SLURM runs each rank as a task of its own (as many tasks per
-    node as local ranks): then they are the task's, at most its ``--cpus-per-task``."""
-    if setting != "auto":
-        return int(setting)
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this job was given, not the machine's
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    cores = min(cores, _cpu_quota() or cores)
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "8" or "8(x2)"
-    if per_task.isdigit() and int(per_task) > 0 and tasks.isdigit() and int(tasks) == local_world_size:
-        return max(1, min(cores, int(per_task)) - 1)
-    return max(1, cores // max(1, local_world_size) - 1)
-
-
-def _cpu_quota() -> Optional[int]:
-    """The CPUs a cgroup v2 quota allows (``cpu.max``: quota and period in microseconds), or None."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
 
 
 def noise_bank(cfg: DataConfig, noise: PackedCuts, seed: int) -> Optional[NoiseBank]:

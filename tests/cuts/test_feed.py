@@ -4,7 +4,8 @@ import torch
 
 from cuts.audio import load_mono
 from cuts.config import DataConfig, NoiseConfig
-from cuts.feed import DataFeed, resolve_workers
+from cuts.cpus import resolve_workers
+from cuts.feed import DataFeed
 from cuts.sources import export_shar
 
 
@@ -52,19 +53,48 @@ def test_resume_continues_exactly_where_the_checkpoint_stands(tiny_corpus, sourc
             assert torch.equal(a.noise, b.noise)
 
 
+def _files(root, files: dict) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("membership, files, cpus", [
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2),  # a cgroup v2 container (its cgroup mounted as the root)
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/batch.slice/job7\n", {"batch.slice/cpu.max": "400000 100000", "batch.slice/job7/cpu.max": "max 100000"}, 4),
+    ("0::/batch.slice/job7\n", {"batch.slice/cpu.max": "400000 100000", "batch.slice/job7/cpu.max": "150000 100000"},
+     2),  # the smallest quota on the way up, rounded up
+    # cgroup v1 (as on this project's CI machines): a container sees its own cgroup at the controller's mount
+    ("4:cpu,cpuacct:/docker/ab12\n0::/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "300000", "cpu,cpuacct/cpu.cfs_period_us":
+                                             "100000"}, 3),
+    ("1:cpu:/\n2:cpuacct:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("4:cpu,cpuacct:/slurm/uid_0/job_9\n", {"cpu,cpuacct/slurm/uid_0/job_9/cpu.cfs_quota_us": "50000",
+                                            "cpu,cpuacct/slurm/uid_0/job_9/cpu.cfs_period_us": "100000"}, 1),
+    ("", {}, None), ("0::/\n", {"cpu.max": "garbage"}, None),
+])
+def test_the_cpu_quota_is_read_from_the_process_cgroup(tmp_path, membership, files, cpus):
+    import cuts.cpus
+
+    _files(tmp_path / "fs", files)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    (tmp_path / "cgroup").write_text(membership)
+    assert cuts.cpus._cpu_quota(tmp_path / "fs", tmp_path / "cgroup") == cpus
+
+
 def test_auto_workers_are_the_cores_of_each_local_rank_less_one(monkeypatch):
     import os
 
-    import cuts.feed
+    import cuts.cpus
 
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
+    monkeypatch.setattr(cuts.cpus, "_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert resolve_workers("auto", 1) == 15 and resolve_workers("auto", 2) == 7 and resolve_workers("auto", 8) == 1
     assert resolve_workers("auto", 32) == 1 and resolve_workers(3, 8) == 3
-    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: 8)  # a container's quota of 8 CPUs, all 16 visible
+    monkeypatch.setattr(cuts.cpus, "_cpu_quota", lambda: 8)  # a container's quota of 8 CPUs, all 16 visible
     assert resolve_workers("auto", 2) == 3
-    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
+    monkeypatch.setattr(cuts.cpus, "_cpu_quota", lambda: None)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")  # SLURM runs each of 8 ranks as a task with 12 cores
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
     assert resolve_workers("auto", 8) == 11
@@ -72,7 +102,7 @@ def test_auto_workers_are_the_cores_of_each_local_rank_less_one(monkeypatch):
     assert resolve_workers("auto", 8) == 1
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
-    monkeypatch.setattr(cuts.feed, "_cpu_quota", lambda: None)
+    monkeypatch.setattr(cuts.cpus, "_cpu_quota", lambda: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     feed = DataFeed(DataConfig(num_workers="auto"), 16000, 0)
     feed.place(world_size=2, rank=1, pin_memory=False, local_world_size=1)
