@@ -20,7 +20,7 @@ from lhotse import CutSet, MonoCut
 from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
 from cuts.config import DataConfig
 from cuts.io import atomic_write
-from cuts.sampler import build_sampler, load_batch_sizes
+from cuts.sampler import build_sampler, duration_limits, load_batch_sizes
 
 log = logging.getLogger(__name__)
 EXACT_STEPS_MAX_CUTS = 20000  # up to this many cuts, `prepare.py bins` runs an epoch of the sampler to count steps
@@ -90,24 +90,25 @@ def bucket_report(durations: np.ndarray, uppers: list[float], batch_sizes: Optio
 
 def training_bins(durations: np.ndarray, cfg: DataConfig, num_buckets: int, min_cuts_per_bucket: int = MIN_CUTS_PER_BUCKET,
                   min_batches_per_bucket: float = MIN_BATCHES_PER_BUCKET, seed: int = 0) -> tuple[Bins, dict]:
-    """Bins of the cuts training keeps (``cfg.min_duration`` to ``cfg.max_duration``), each bucket holding several
-    batches of ``cfg.batch_duration``, and what they give: the cuts the duration filter leaves out, and one epoch of
-    the training sampler (counted exactly up to EXACT_STEPS_MAX_CUTS cuts). A corpus too small to fill a few batches
-    gets a warning that says so and what to change."""
-    kept = durations[(durations >= cfg.min_duration) & (durations <= cfg.max_duration)]
+    """Bins of the cuts training keeps (:func:`duration_limits`: data.min_duration to data.max_duration, or less when
+    one batch holds less), each bucket holding several batches of ``cfg.batch_duration``, and what they give: the
+    cuts the duration filter leaves out, and one epoch of the training sampler (counted exactly up to
+    EXACT_STEPS_MAX_CUTS cuts). A corpus too small to fill a few batches gets a warning that says so and what to
+    change."""
+    lo, hi, why = duration_limits(cfg)
+    kept = durations[(durations >= lo) & (durations <= hi)]
     if not len(kept):
-        raise ValueError(f"none of the {len(durations)} cuts lies within data.min_duration..data.max_duration "
-                         f"({cfg.min_duration:g}..{cfg.max_duration:g} s), they span {durations.min():.2f}.."
-                         f"{durations.max():.2f} s: change those settings, or prepare with --window")
+        raise ValueError(f"none of the {len(durations)} cuts lies within data.min_duration={lo:g} s..{why}, they span "
+                         f"{durations.min():.2f}..{durations.max():.2f} s: change those settings, or prepare with "
+                         "--window")
     if len(kept) < len(durations):
-        left = durations[(durations < cfg.min_duration) | (durations > cfg.max_duration)]
-        short = left[left < cfg.min_duration]
+        left = durations[(durations < lo) | (durations > hi)]
+        short = left[left < lo]
         hints = ([f"set data.min_duration={max(0.1, math.floor(10 * short.min()) / 10):g} to keep the {len(short)} "
                   "shorter ones"] if len(short) else []) + \
             (["prepare with --window S to cut long recordings into windows it keeps"] if len(short) < len(left) else [])
-        log.warning("%d of %d cuts (%.2f h) lie outside data.min_duration..data.max_duration (%g..%g s): training "
-                    "leaves them out, and so do the bins; %s", len(left), len(durations), left.sum() / 3600,
-                    cfg.min_duration, cfg.max_duration, "; ".join(hints))
+        log.warning("%d of %d cuts (%.2f h) lie outside data.min_duration=%g s..%s: training leaves them out, and "
+                    "so do the bins; %s", len(left), len(durations), left.sum() / 3600, lo, why, "; ".join(hints))
     B = cfg.batch_duration
     bins = bins_from_durations(kept, num_buckets, min_cuts_per_bucket, B, min_batches_per_bucket)
     total = float(kept.sum())

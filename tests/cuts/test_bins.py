@@ -129,6 +129,11 @@ def test_bins_leave_out_what_training_drops_and_say_so(caplog):
     assert "3 of 403 cuts" in caplog.text and "--window" in caplog.text
     with pytest.raises(ValueError, match="none of the 2 cuts lies within"):
         training_bins(np.array([0.2, 0.3]), DataConfig(), 30)
+    # Within data.max_duration but longer than one batch holds: training drops them, so the bins do too.
+    with caplog.at_level(logging.WARNING):
+        bins, info = training_bins(np.r_[np.linspace(1.0, 20.0, 400), [45.0, 50.0]], DataConfig(batch_duration=40), 30)
+    assert bins.upper[-1] == 20.0 and info["cuts_outside_duration_range"] == 2
+    assert "the 40 s one batch of data.batch_duration=40 s holds" in caplog.text
 
 
 @pytest.mark.parametrize("text, message", [
