@@ -234,7 +234,7 @@ class NestDataset(torch.utils.data.Dataset):
                 keep.append(i)
             except Exception as e:
                 failed.append((cut.id, error_line(e)))
-                log.warning("dropping cut %s from its batch: audio failed to load (%s)", cut.id, error_line(e))
+                log.warning("dropping cut %s from its batch: audio failed to load (%s)", *failed[-1])
         reuse = not stalled(errors)  # a timed-out read may still write into ``audio``: its buffer is not reused
         if not keep:  # one second of silence: every rank still takes its step
             if self.buffers is not None:

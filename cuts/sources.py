@@ -350,8 +350,8 @@ def export_shar(cuts_path: Path, out_dir: Path, shard_size: int = 1000, seed: in
                     writer.write(cut)
                     written += 1
                 except Exception as e:  # the audio did not load: report, skip
-                    log.warning("shar: cut %s left out: %s", cut.id, error_line(e))
                     failed.append({"id": cut.id, "where": where, "reason": error_line(e)})
+                    log.warning("shar: cut %s left out: %s", cut.id, failed[-1]["reason"])
             num_shards = len(writer.output_paths["cuts"])
             write_shar_index(tmp, writer.output_paths)  # lets training read the shards from a URL
         if not written:
