@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages, not an installed copy
 
-from model_step import matmul_tflops  # noqa: E402  (benchmarks/, the folder of this script)
+from model_step import matmul_tflops, synchronize, timed  # noqa: E402  (benchmarks/, the folder of this script)
+from cuts.console import error_line  # noqa: E402
 from nest.calibrate import GIB, TrainingStep, calibrate, merge_equal_neighbours, save_batch_sizes  # noqa: E402
 from nest.calibrate.measure import synthetic_batch, tensor_bytes  # noqa: E402
 from nest.config.load import load_config  # noqa: E402
@@ -110,8 +111,7 @@ class Run:
         self.results.flush()
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def batch(self, upper: float, size: int):
         return synthetic_batch(self.cfg, size, int(upper * self.cfg.preprocessor.sample_rate), self.device)
@@ -131,11 +131,7 @@ class Run:
                 "device_gib": round(torch.cuda.get_device_properties(self.device).total_memory / GIB, 3)}
 
     def timed_step(self, batch) -> float:
-        self.sync()
-        t0 = time.perf_counter()
-        self.step.run(batch)
-        self.sync()
-        return time.perf_counter() - t0
+        return timed(lambda: self.step.run(batch), self.device)
 
     def rates(self, upper: float, size: int, step_s: float) -> dict:
         figures = {"step_s": round(step_s, 4), "audio_s_per_s": round(upper * size / step_s, 1)}
@@ -327,7 +323,7 @@ def main(argv=None) -> int:
                 run.step.abandon_try(run.cuda)
         except Exception as e:  # noqa: BLE001  (one phase's failure is reported; the next phases still run)
             run.failed = True
-            run.emit(name, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            run.emit(name, error=error_line(e)[:300])
             if run.step is not None:
                 run.step.abandon_try(run.cuda)
         run.emit(name, done=True, seconds=round(time.perf_counter() - t0, 1))

@@ -20,6 +20,11 @@ MIN_CUTS_PER_BUCKET = 5  # fewer cuts than this in a bucket hardly ever make a b
 MIN_BATCHES_PER_BUCKET = 4
 
 
+def increasing_seconds(upper: list[float]) -> bool:
+    """Whether bucket bounds are positive, finite seconds in strictly increasing order."""
+    return all(math.isfinite(u) and u > 0 for u in upper) and all(a < b for a, b in zip(upper, upper[1:]))
+
+
 @dataclass
 class Bins:
     """Bucket ``i`` holds cuts with ``upper[i-1] < duration <= upper[i]``, as lhotse's samplers assign
@@ -58,8 +63,7 @@ class Bins:
         except (TypeError, ValueError):
             raise ValueError(f"{path}: needs a bucket_upper_duration list of seconds (and numbers for num_cuts, "
                              f"max_duration); make it with {made_by}") from None
-        if not upper or not all(math.isfinite(u) and u > 0 for u in upper) or \
-                any(a >= b for a, b in zip(upper, upper[1:])):
+        if not upper or not increasing_seconds(upper):
             raise ValueError(f"{path}: bucket_upper_duration must be a non-empty, strictly increasing list of positive "
                              f"seconds, not {upper}; make it with {made_by}")
         return Bins(upper=upper, num_cuts=num_cuts, max_duration=max_duration, batch_duration=batch_duration)

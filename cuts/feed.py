@@ -186,7 +186,7 @@ class DataFeed:
         sampler buckets alike."""
         problems = ShardProblems()
         cuts = (c for s in self.cfg.train_cuts for shard in list_shards(s) for c in shard_cuts(shard, False, problems))
-        return estimated_bins(cuts, self.cfg)[0]
+        return estimated_bins(cuts, self.cfg)
 
     def meaning(self) -> dict[str, Any]:
         """What the position means; a resume with other values cannot continue the interrupted epoch."""

@@ -182,14 +182,13 @@ def cut_short(path: Union[str, Path]) -> Optional[str]:
             with gzip.open(raw, "rb") as f:
                 for _ in iter(lambda: f.read(1 << 20), b""):
                     pass
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raw.seek(0)
-            lines = 0
-            with contextlib.suppress(EOFError, gzip.BadGzipFile, zlib.error), gzip.open(raw, "rb") as f:
-                for lines, _ in enumerate(f, 1):  # line by line (slower) only to name where it breaks, as iter_jsonl
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            try:  # read again line by line (slower), only to name the line where it breaks
+                for _ in iter_jsonl(path, on_error=lambda where, problem: None):
                     pass
-            return (f"{path}: unreadable after line {lines} ({type(e).__name__}: {e}); the file is damaged or was cut "
-                    "short: write it again")
+            except ManifestError as e:
+                return str(e)
+            return f"{path}: unreadable (the file is damaged or was cut short): write it again"
     return None
 
 

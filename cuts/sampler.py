@@ -14,7 +14,8 @@ from lhotse.qa import validate
 from lhotse.serialization import deserialize_item
 from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler, FixedBucketBatchSizeConstraint
 
-from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations
+from cuts.bins import MIN_BATCHES_PER_BUCKET, MIN_CUTS_PER_BUCKET, Bins, bins_from_durations, increasing_seconds
+from cuts.console import error_line
 from cuts.config import DataConfig
 from cuts.dataset import SamplerItem
 from cuts.io import ManifestError, iter_jsonl, read_yaml
@@ -46,7 +47,7 @@ class ManifestCuts:
                     if not isinstance(cut.id, str):
                         raise ValueError(f"its id is {cut.id!r}, not a string")
                 except Exception as e:
-                    self._bad(where, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+                    self._bad(where, error_line(e))
                     continue
                 yield cut
         except ManifestError as e:
@@ -95,8 +96,7 @@ def load_batch_sizes(path: str) -> tuple[list[float], list[int]]:
         sizes = [int(b) for b in d["batch_sizes"]]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: needs bucket_upper_duration and batch_sizes lists (see `nest-prepare calibrate`)") from None
-    if len(uppers) != len(sizes) or not sizes or min(sizes) < 1 or \
-            not all(math.isfinite(u) and u > 0 for u in uppers) or any(a >= b for a, b in zip(uppers, uppers[1:])):
+    if len(uppers) != len(sizes) or not sizes or min(sizes) < 1 or not increasing_seconds(uppers):
         raise ValueError(f"{path}: needs one positive batch size per bucket and bucket bounds in positive seconds, "
                          f"strictly increasing; make it again with `nest-prepare calibrate`")
     return uppers, sizes
@@ -139,24 +139,18 @@ def duration_limits(cfg: DataConfig, train: bool = True) -> tuple[float, float, 
     return cfg.min_duration, hi, why
 
 
-def estimated_bins(cuts: Iterable, cfg: DataConfig, train: bool = True) -> tuple[Bins, str]:
+def estimated_bins(cuts: Iterable, cfg: DataConfig, train: bool = True) -> Bins:
     """Buckets for a run without data.bins, from the durations of the first cuts in the duration limits (as lhotse
     estimates them, with the exact edges of nest-prepare bins): at most data.num_buckets, fewer when the data is
-    small, so that each holds a few cuts and batches. Returns the bins and, when they are fewer than asked, a note
-    saying why."""
+    small, so that each holds a few cuts and batches."""
     lo, hi, _ = duration_limits(cfg, train)
     d = np.fromiter((c.duration for c in islice((c for c in cuts if lo <= c.duration <= hi), MAX_BIN_CUTS)), float)
     if not len(d):
-        return Bins(upper=[hi], num_cuts=0, max_duration=hi), ""
-    batch, key = _batch_duration(cfg, train)
+        return Bins(upper=[hi], num_cuts=0, max_duration=hi)
+    batch, _ = _batch_duration(cfg, train)
     # The number of buckets nest-prepare bins would make (asked for exactly, so that it has nothing to warn about).
     k = max(1, min(cfg.num_buckets, len(d) // MIN_CUTS_PER_BUCKET, int(d.sum() // (MIN_BATCHES_PER_BUCKET * batch))))
-    bins = bins_from_durations(d, k, batch_duration=batch)
-    note = "" if len(bins.upper) >= cfg.num_buckets else (
-        f"{len(bins.upper)} duration bucket(s), not data.num_buckets={cfg.num_buckets}: {len(d)} cuts of "
-        f"{d.sum() / 60:.1f} min fill no more with {MIN_CUTS_PER_BUCKET} cuts and {MIN_BATCHES_PER_BUCKET} batches of "
-        f"{key}={batch:g} s each")
-    return bins, note
+    return bins_from_durations(d, k, batch_duration=batch)
 
 
 def build_sampler(
@@ -178,7 +172,7 @@ def build_sampler(
         kwargs["duration_bins"] = uppers
     else:
         kwargs["max_duration"] = _batch_duration(cfg, train)[0]
-        kwargs["duration_bins"] = (bins or estimated_bins(cuts, cfg, train)[0]).duration_bins
+        kwargs["duration_bins"] = (bins or estimated_bins(cuts, cfg, train)).duration_bins
     return DynamicBucketingSampler(cuts, **kwargs)
 
 

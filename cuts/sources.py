@@ -251,7 +251,7 @@ def malformed(item) -> Optional[str]:
     try:
         validate(item)
     except Exception as e:
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return error_line(e)
     return None
 
 

@@ -161,7 +161,7 @@ class RunMeters:
         window = {f"window_{f.name}": getattr(w, f.name) for f in fields(Counts)}
         host = {**asdict(self.pending), **window, "data_wait": w.data_wait, "batches": w.batches,
                 "metrics_weight": weight}
-        metrics_sums = {f"train/{k}": v * weight if weight else torch.zeros_like(v) for k, v in step_metrics.items()}
+        metrics_sums = {f"train/{k}": weighted(v, weight) for k, v in step_metrics.items()}
         # skipped and consecutive are equal on every rank (found_inf was all-reduced): summed, then divided.
         v = reduce(device, host, {**self._loss, "skipped": skipped, "consecutive": consecutive, **metrics_sums})
         self._fold(v)
